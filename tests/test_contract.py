@@ -80,3 +80,10 @@ def test_every_setting_has_help_and_a_flag():
         for field in cls.__dataclass_fields__.values():
             assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help"
             assert settings.flag_name(field.name) in parser.format_help()
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for cls in (GatewayConfig, WorkerConfig):
+        for name in cls.__dataclass_fields__:
+            assert f"`{settings.env_name(name)}`" in readme or settings.env_name(name) in readme, name

@@ -28,4 +28,5 @@ class GatewayConfig:
     request_timeout_s: float = setting(600.0, "deadline of a request whose client set none")
     deadline_grace_s: float = setting(2.0, "how long past a deadline the gateway waits for the worker's word")
     cancel_key_ttl_s: int = setting(900, "lifetime of the key that cancels a job not yet picked up")
+    shutdown_delay_s: float = setting(0.0, "on SIGTERM, how long to report NOT_SERVING before refusing new calls")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM, how long in-flight streams may take to finish")

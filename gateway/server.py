@@ -42,9 +42,14 @@ class Gateway:
     port: int
     gateway_id: str
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
+        """NOT_SERVING; after `delay_s` (time for load balancers to notice) refuse new calls; give in-flight
+        ones `grace_s` to finish, then cancel them."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        delay = self.config.shutdown_delay_s if delay_s is None else delay_s
         await self.health.enter_graceful_shutdown()
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(grace)
         await self.router.stop()
         await self.redis.aclose()

@@ -251,3 +251,24 @@ async def test_jobs_queued_before_any_worker_are_served_and_expired_ones_skipped
         finally:
             stop.set()
             await task
+
+
+async def test_gateway_drain_finishes_in_flight_streams_and_refuses_new_ones(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        call = stack.stub.GenerateStream(greedy_request("def drain():", 60, ignore_eos=True))
+        events = []
+        stopping = None
+        async for event in call:
+            events.append(event)
+            if len(events) == 3:
+                stopping = asyncio.create_task(stack.gateway.stop(grace_s=30, delay_s=0.5))
+                await asyncio.sleep(0.1)
+                health = health_pb2_grpc.HealthStub(stack.channel)
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
+        ids, _text, finished = check_stream_shape(events)
+        assert len(ids) == 60 and finished.stop_reason == api.STOP_REASON_LENGTH
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.Generate(greedy_request("x", 2), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE

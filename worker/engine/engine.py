@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
+from transformers import PreTrainedModel
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
@@ -56,9 +57,11 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, tokenizer: Tokenizer | None = None, model: PreTrainedModel | None = None
+    ) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, model)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self.eos_token_id: int | None = self.runner.hf_config.eos_token_id
         if isinstance(self.eos_token_id, list):  # some configs list several; Llama has one

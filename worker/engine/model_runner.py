@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from worker.engine.attention import AttentionMetadata, paged_attention, write_kv
@@ -47,17 +47,19 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: PreTrainedModel | None = None) -> None:
+        """Load config.model, or use `model` (already built, e.g. the benchmark's random-weight stand-in)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        hf_config = AutoConfig.from_pretrained(config.model)
+        hf_config = model.config if model is not None else AutoConfig.from_pretrained(config.model)
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model type {hf_config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
             )
-        self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=self.dtype)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.hf_config = hf_config
         self.vocab_size: int = hf_config.vocab_size
         self.max_model_len: int = min(

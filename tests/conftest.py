@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before triton is first
+# imported (torch and transformers import it), so here, ahead of every other import.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import contextlib
 import uuid

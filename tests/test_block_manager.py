@@ -23,7 +23,8 @@ def test_blocks_are_allocated_by_need_and_all_returned():
     assert bm.blocks_needed(s, 3) == 0  # slots 9..11 fit the third block
     assert bm.blocks_needed(s, 4) == 1
     bm.free(s)
-    assert bm.num_free_blocks == 10 and not s.block_table and bm.ref_counts == [0] * 10
+    assert bm.num_free_blocks == 10 and not s.block_table and bm.ref_counts == [0] * 11
+    assert 0 not in bm.free_blocks, "block 0 is the null block"
 
 
 def test_scheduler_chunks_prefill_under_the_token_budget_and_decodes_first():

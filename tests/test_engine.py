@@ -59,12 +59,8 @@ def make_engine(model_dir: Path, **overrides) -> LLMEngine:
     [
         {"max_num_batched_tokens": 512, "num_blocks": 512, "max_num_seqs": 16},  # plenty: whole prompts in one step
         {"max_num_batched_tokens": 24, "max_num_seqs": 8, "num_blocks": 512},  # chunked prefill
-        {
-            "max_num_batched_tokens": 64,
-            "max_num_seqs": 8,
-            "num_blocks": 20,
-            "block_size": 8,
-        },  # pool too small: preemption
+        # Pool too small: preemption.
+        {"max_num_batched_tokens": 64, "max_num_seqs": 8, "num_blocks": 20, "block_size": 8},
     ],
     ids=["roomy", "chunked-prefill", "preemption"],
 )
@@ -86,6 +82,18 @@ def test_greedy_matches_transformers_generate(demo_model_dir: Path, hf_model, co
     assert stats.num_free_blocks == stats.num_blocks, "every block returned to the pool"
     if config.get("num_blocks") == 20:
         assert stats.num_preemptions > 0, "the small pool should have forced preemptions"
+
+
+def test_triton_kernels_match_transformers_generate(demo_model_dir: Path, hf_model) -> None:
+    """The GPU path (Triton's interpreter when there is no GPU): chunked prefill, mixed and decode steps."""
+    engine = make_engine(demo_model_dir, attention_backend="triton", max_num_batched_tokens=40, max_num_seqs=4)
+    tok = engine.tokenizer
+    ids = [tok.encode(p).ids for p in (PROMPTS[0], PROMPTS[3][:120], PROMPTS[2])]
+    for i, prompt_ids in enumerate(ids):
+        engine.add_request(f"r{i}", prompt_ids, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    result = run_to_completion(engine)
+    for i, prompt_ids in enumerate(ids):
+        assert result["tokens"][f"r{i}"] == hf_greedy(hf_model, prompt_ids, 5), f"request r{i}"
 
 
 def test_long_prompt_does_not_stall_running_decodes(demo_model_dir: Path) -> None:

@@ -16,11 +16,14 @@ from worker.engine.sequence import Sequence
 
 
 class BlockManager:
+    """Manages blocks 1..num_blocks of a pool of num_blocks + 1: block 0 is the null block, never handed
+    out, which padded rows of a CUDA-graph batch read and write."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.ref_counts = [0] * (num_blocks + 1)
+        self.free_blocks: deque[int] = deque(range(1, num_blocks + 1))
 
     @property
     def num_free_blocks(self) -> int:

@@ -28,6 +28,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     # Prompt + generated tokens per sequence; None: the model's max_position_embeddings.
     max_model_len: int | None = None
+    # "auto": Triton kernels on CUDA, plain torch on CPU. "triton" on CPU runs Triton's interpreter (tests).
+    attention_backend: str = "auto"
+    # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
+    cuda_graphs: bool = True
     # Prompt tokens the detokenizer looks back on, so the first generated word keeps its leading space.
     detokenizer_context_tokens: int = 8
 

@@ -26,6 +26,7 @@ from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from worker.engine.step_inputs import plan_step
 from worker.engine.tokenizer import load_tokenizer
 
 
@@ -136,9 +137,9 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        inputs = self.runner.prepare(batch)
-        logits = self.runner.forward(inputs)
-        sampled = [batch.seqs[i] for i in inputs.sampled_seq_indices]
+        plan = plan_step(batch, self.config.block_size)
+        logits = self.runner.run(plan)
+        sampled = [batch.seqs[i] for i in plan.sampled_seq_indices]
         result = self.sampler(logits, [s.params for s in sampled], [s.num_generated_tokens for s in sampled])
 
         for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):

@@ -7,17 +7,19 @@ writes K/V through block tables, and computes logits only for the tokens that ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from worker.engine.attention import AttentionMetadata, paged_attention, write_kv
+from worker.engine.attention_backends import TorchBackend, TritonBackend
 from worker.engine.config import EngineConfig
-from worker.engine.scheduler import ScheduledBatch
+from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.step_inputs import StepPlan
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+# GPU memory kept out of the KV pool for what the profile run does not see: CUDA graphs' pool, the
+# sampler's sort buffers, allocator fragmentation.
+GPU_RESERVE_BYTES = 1 << 30
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,17 +35,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
     return dtypes[name]
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    attention: AttentionMetadata
-    # Rows of the packed batch whose logits are sampled: the last token of every sequence whose
-    # scheduled tokens reach its end (decodes, and the final chunk of a prefill).
-    sample_indices: torch.Tensor
-    sampled_seq_indices: list[int]  # index in the batch of each sampled row
 
 
 class ModelRunner:
@@ -71,13 +62,34 @@ class ModelRunner:
         self.head_dim: int = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.cos, self.sin = self._rotary_tables()
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.backend_name = backend
+
         self.num_blocks = config.num_blocks or self._num_blocks_from_memory()
-        cache_shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # One more than the block manager hands out: block 0 is the null block (see block_manager.py).
+        cache_shape = (self.num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
         self.k_caches = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_caches = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.backend = self._make_backend(self.k_caches, self.v_caches)
+        self.graphs: DecodeGraphs | None = None
+        if self.backend_name == "triton" and self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = DecodeGraphs(self.backend, self._forward, config.max_num_seqs, self.device)
+            self.graphs.capture()
 
     # -- set-up ------------------------------------------------------------------------------------------
+
+    def _make_backend(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> TorchBackend | TritonBackend:
+        if self.backend_name == "torch":
+            return TorchBackend(k_caches, v_caches, self.scale)
+        if self.backend_name == "triton":
+            return TritonBackend(
+                k_caches, v_caches, self.scale, self.config.max_num_seqs, self.max_blocks_per_seq, self.num_heads
+            )
+        raise ValueError(f"attention_backend must be auto, torch or triton; got {self.backend_name!r}")
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, from the model's own rotary module (so rope scaling is the model's)."""
@@ -93,78 +105,91 @@ class ModelRunner:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
     def _num_blocks_from_memory(self) -> int:
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            # Room for the largest step's activations and logits, then a fraction of the rest.
-            element = torch.tensor([], dtype=self.dtype).element_size()
-            tokens = self.config.max_num_batched_tokens
-            hidden, inter = self.hf_config.hidden_size, self.hf_config.intermediate_size
-            activations = tokens * (4 * hidden + 3 * inter) * element * 2
-            logits = self.config.max_num_seqs * self.vocab_size * 4 * 4
-            budget = (free - activations - logits) * self.config.kv_cache_memory_fraction
-        else:
-            budget = self.config.cpu_kv_cache_gib * 2**30
-        num_blocks = int(budget // self.kv_bytes_per_block)
-        if num_blocks < 1:
-            raise RuntimeError("no memory left for the KV cache")
+        if self.device.type != "cuda":
+            return max(1, int(self.config.cpu_kv_cache_gib * 2**30 // self.kv_bytes_per_block))
+        peak_activations = self._profile_activations()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        budget = (free - peak_activations - GPU_RESERVE_BYTES) * self.config.kv_cache_memory_fraction
+        num_blocks = int(budget // self.kv_bytes_per_block) - 1  # minus the null block
+        if num_blocks < self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"the KV cache fits {max(num_blocks, 0)} blocks, less than one sequence of max_model_len "
+                f"({self.max_model_len} tokens) needs; lower --max-model-len or use a larger GPU"
+            )
         return num_blocks
+
+    def _profile_activations(self) -> int:
+        """Peak memory of the largest step the scheduler can build (a full token budget, max_num_seqs logits
+        rows), run once on a scratch KV cache just large enough for it."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        shape = (blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        backend = self._make_backend(k, v)
+        plan = StepPlan(
+            input_ids=[0] * tokens, positions=list(range(tokens)),
+            slots=[self.block_size + i for i in range(tokens)],
+            query_starts=[0], query_lens=[tokens], context_lens=[tokens],
+            block_tables=[list(range(1, blocks + 1))],
+            sample_indices=list(range(tokens - min(tokens, self.config.max_num_seqs), tokens)),
+            sampled_seq_indices=[0],
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        meta = backend.prepare(plan, self.device)
+        self._forward(
+            torch.tensor(plan.input_ids, device=self.device), torch.tensor(plan.positions, device=self.device),
+            meta, torch.tensor(plan.sample_indices, device=self.device), backend,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del k, v, backend, meta
+        torch.cuda.empty_cache()
+        return peak
 
     # -- one step ----------------------------------------------------------------------------------------
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_starts, query_lens, context_lens, block_tables = [], [], [], []
-        sample_indices, sampled_seq_indices = [], []
-        bs = self.block_size
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            end = start + n
-            query_starts.append(len(input_ids))
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            context_lens.append(end)
-            block_tables.append(torch.tensor(table[: -(-end // bs)], dtype=torch.long))
-            if end == seq.num_tokens:
-                sample_indices.append(len(input_ids) - 1)
-                sampled_seq_indices.append(i)
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Compute one step; return float32 logits [len(plan.sample_indices), vocab]."""
+        if self.graphs is not None and plan.is_decode and plan.num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(plan)
+        if self.backend_name == "triton" and plan.is_decode:
+            # Decode without graphs (CPU interpreter, or graphs disabled): same kernels, static buffers.
+            self.backend.load_decode(plan, plan.num_seqs)
+            meta = self.backend.decode_metadata(plan.num_seqs)
+        else:
+            meta = self.backend.prepare(plan, self.device)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_starts=query_starts,
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=[t.to(dev, non_blocking=True) for t in block_tables],
-        )
-        return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
-            attention=meta,
-            sample_indices=torch.tensor(sample_indices, dtype=torch.long).to(dev, non_blocking=True),
-            sampled_seq_indices=sampled_seq_indices,
-        )
+        ids = _to_device(plan.input_ids, dev)
+        positions = _to_device(plan.positions, dev)
+        sample = None if plan.is_decode else _to_device(plan.sample_indices, dev)
+        return self._forward(ids, positions, meta, sample)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step; return float32 logits [num_sampled, vocab] for the sampled rows."""
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, sample_indices=None, backend=None):
+        """The model over a packed batch; logits (float32) for `sample_indices` rows, or all rows if None."""
+        backend = backend or self.backend
         llama = self.model.model
-        hidden = llama.embed_tokens(inputs.input_ids)
-        cos, sin = self.cos[inputs.positions], self.sin[inputs.positions]
+        hidden = llama.embed_tokens(input_ids)
+        cos, sin = self.cos[positions], self.sin[positions]
         num_tokens = hidden.shape[0]
-        for layer, k_cache, v_cache in zip(llama.layers, self.k_caches, self.v_caches, strict=True):
+        for i, layer in enumerate(llama.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
             k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
             v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-            write_kv(k_cache, v_cache, k, v, inputs.attention.slot_mapping)
-            o = paged_attention(q, k_cache, v_cache, inputs.attention, self.scale)
+            o = backend.attend(i, q, k, v, meta)
             hidden = hidden + attn.o_proj(o.reshape(num_tokens, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = llama.norm(hidden[inputs.sample_indices])
-        return self.model.lm_head(hidden).float()
+        if sample_indices is not None:
+            hidden = hidden[sample_indices]
+        return self.model.lm_head(llama.norm(hidden)).float()
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host

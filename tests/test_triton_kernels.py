@@ -1,0 +1,132 @@
+"""The Triton attention kernels against a float64 reference, on random inputs of many shapes (block
+boundaries, lengths of 1, GQA and MHA). On a machine without a GPU they run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Without a GPU, tests/conftest.py has switched Triton to its interpreter.
+triton = pytest.importorskip("triton")
+from worker.engine import triton_attention as ta  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# bf16 on GPU (the serving dtype); the interpreter runs numpy, which has no bf16.
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+TOLERANCE = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def random_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int):
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, dtype=DTYPE, device=DEVICE), torch.randn(shape, dtype=DTYPE, device=DEVICE)
+
+
+def random_block_tables(context_lens: list[int], block_size: int, num_blocks: int) -> torch.Tensor:
+    """Each sequence gets distinct, shuffled physical blocks (paging must not assume contiguity)."""
+    width = max(-(-n // block_size) for n in context_lens)
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(context_lens):
+        k = -(-n // block_size)
+        tables[i, :k] = perm[used : used + k]
+        used += k
+    return tables.to(DEVICE)
+
+
+def reference(q, k_cache, v_cache, tables, context_lens, query_lens, scale) -> torch.Tensor:
+    """float64 attention, sequence by sequence: query j of a sequence sees keys 0..(cached + j)."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    start = 0
+    for i, (ctx, n) in enumerate(zip(context_lens, query_lens, strict=True)):
+        blocks = tables[i, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, k_cache.shape[3])[:ctx].double()
+        v = v_cache[blocks].reshape(-1, kv_heads, v_cache.shape[3])[:ctx].double()
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        qi = q[start : start + n].double()
+        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        visible = torch.arange(ctx, device=q.device)[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        out[start : start + n] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        start += n
+    return out
+
+
+SHAPES = [  # (heads, kv_heads, head_dim, block_size)
+    (4, 4, 32, 16),  # MHA, like Code Llama 7B
+    (8, 2, 32, 16),  # GQA, like the 34B
+    (2, 1, 64, 8),
+]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), SHAPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_matches_reference(heads, kv_heads, head_dim, block_size, num_splits):
+    torch.manual_seed(heads * 7 + num_splits)
+    context_lens = [1, block_size, block_size + 1, 3 * block_size - 1, 77]
+    k_cache, v_cache = random_cache(64, block_size, kv_heads, head_dim)
+    tables = random_block_tables(context_lens, block_size, 64)
+    q = torch.randn(len(context_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    ta.decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits, out=out)
+    ref = reference(q, k_cache, v_cache, tables, context_lens, [1] * len(context_lens), scale)
+    assert relative_error(out, ref) < TOLERANCE
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), SHAPES)
+def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(heads)
+    # (cached tokens, new tokens): fresh prompts, chunks after a cached prefix, single decode tokens,
+    # and lengths on and around block and tile boundaries.
+    cases = [(0, 1), (0, 70), (block_size, 1), (5, block_size), (40, 65), (0, 2 * block_size + 1)]
+    context_lens = [c + n for c, n in cases]
+    query_lens = [n for _, n in cases]
+    k_cache, v_cache = random_cache(128, block_size, kv_heads, head_dim)
+    tables = random_block_tables(context_lens, block_size, 128)
+    q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
+    starts = [sum(query_lens[:i]) for i in range(len(cases))]
+    tile_seq, tile_row = ta.prefill_tiles(query_lens, ta.PREFILL_BLOCK_M)
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    ta.prefill_attention(
+        q, k_cache, v_cache, tables, i32(tile_seq), i32(tile_row), i32(starts), i32(query_lens), i32(context_lens),
+        scale, out=out,
+    )  # fmt: skip
+    ref = reference(q, k_cache, v_cache, tables, context_lens, query_lens, scale)
+    assert relative_error(out, ref) < TOLERANCE
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 5])
+def test_write_kv_stores_each_token_in_its_slot(kv_heads):
+    k_cache, v_cache = random_cache(8, 4, kv_heads, 16)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([0, 5, 31, 6], device=DEVICE)
+    k = torch.randn(4, kv_heads, 16, dtype=DTYPE, device=DEVICE)
+    v = torch.randn(4, kv_heads, 16, dtype=DTYPE, device=DEVICE)
+    ta.write_kv(k_cache, v_cache, k, v, slots)
+    flat_k, flat_v = k_cache.view(-1, kv_heads, 16), v_cache.view(-1, kv_heads, 16)
+    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+    untouched = torch.ones(32, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert torch.equal(flat_k[untouched], before_k.view(-1, kv_heads, 16)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.view(-1, kv_heads, 16)[untouched])
+
+
+def test_decode_splits_fill_the_gpu_for_small_batches():
+    assert ta.decode_splits(1, 32, 132) == 16
+    assert ta.decode_splits(256, 32, 132) == 1
+    assert ta.decode_splits(4, 32, 132) == 4

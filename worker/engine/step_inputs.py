@@ -1,0 +1,60 @@
+"""What one step computes, laid out flat on the host: the bridge from the scheduler to the model runner.
+
+A scheduled batch becomes one packed list of tokens (each sequence's scheduled tokens, in batch order),
+their positions and KV slots, and per sequence where its tokens start, how many there are, its context
+length after the step and its block table. Rows whose logits are needed are the last token of every
+sequence whose scheduled tokens reach its end (decodes, and the last chunk of a prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepPlan:
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    sample_indices: list[int]  # rows of the packed batch to compute logits for
+    sampled_seq_indices: list[int]  # index in the batch of the sequence each sampled row belongs to
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, each sampled: the shape CUDA graphs are captured for."""
+        return len(self.input_ids) == self.num_seqs == len(self.sample_indices)
+
+
+def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    plan = StepPlan(input_ids, positions, slots, [], [], [], [], [], [])
+    for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
+        start = seq.num_computed_tokens
+        end = start + n
+        table = seq.block_table
+        plan.query_starts.append(len(input_ids))
+        plan.query_lens.append(n)
+        plan.context_lens.append(end)
+        plan.block_tables.append(table)
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        if n == 1:
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if end == seq.num_tokens:
+            plan.sample_indices.append(len(input_ids) - 1)
+            plan.sampled_seq_indices.append(i)
+    return plan

@@ -1,0 +1,325 @@
+"""Triton kernels for attention over the paged KV cache (the GPU path; attention.py is the torch one).
+
+Cache layout (both paths): per layer K and V of shape [num_blocks, block_size, num_kv_heads, head_dim].
+A sequence's token t lives in block block_tables[seq, t // block_size], row t % block_size.
+
+- write_kv:          one launch stores the new tokens' K and V into their slots.
+- decode_attention:  one query token per sequence (the CUDA-graph path). Memory bound: every step streams
+                     each sequence's whole context. The context is split over `num_splits` programs per
+                     (sequence, KV head) when there are too few sequences to fill the GPU (flash-decoding);
+                     a second small kernel merges the partial softmaxes.
+- prefill_attention: packed variable-length queries (prefill chunks, and decodes mixed into the same
+                     step) attending causally to their cached prefix and to themselves. Compute bound:
+                     tiles of queries x tiles of keys through tl.dot, online softmax (flash attention).
+
+All three take plain tensors and read lengths from device memory, so they can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# -- write K/V ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(
+    K, V, KCache, VCache, Slots,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cs, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    slot = tl.load(Slots + token).to(tl.int64)
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < NUM_KV_HEADS
+    k = tl.load(K + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(V + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(KCache + slot * stride_cs + heads * stride_ch + dims, k, mask=mask)
+    tl.store(VCache + slot * stride_cs + heads * stride_ch + dims, v, mask=mask)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim]; slots: [num_tokens] flat slot index."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    kc = k_cache.view(-1, num_kv_heads, head_dim)
+    vc = v_cache.view(-1, num_kv_heads, head_dim)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kc, vc, slots,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+    )  # fmt: skip
+
+
+# -- decode -------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KCache, VCache, BlockTables, ContextLens,
+    Out, PartialAcc, PartialMax, PartialSum,
+    scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(ContextLens + seq)
+
+    # This program's share of the context, in whole tiles.
+    num_tiles = tl.cdiv(context_len, TILE)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + g
+    q = tl.load(Q + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    q = (q.to(tl.float32) * scale).to(KCache.dtype.element_ty)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    offs = tl.arange(0, TILE)
+    for tile in range(tile_start, tile_end):
+        tokens = tile * TILE + offs
+        valid = tokens < context_len
+        blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        k = tl.load(KCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if GROUP_PAD == 1:
+            scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if GROUP_PAD == 1:
+            acc = acc * alpha[:, None] + tl.sum(p.reshape(TILE, 1) * v.to(tl.float32), axis=0)[None, :]
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    group_mask = (g < GROUP)[:, None]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(Out + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=group_mask)  # fmt: skip
+    else:
+        # Partials laid out [seq, head, split, ...]; an empty split leaves max -inf and sum 0.
+        row = (seq * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        tl.store(PartialAcc + row[:, None] * HEAD_DIM + d[None, :], acc, mask=group_mask)
+        tl.store(PartialMax + row, m_i, mask=g < GROUP)
+        tl.store(PartialSum + row, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Out, PartialAcc, PartialMax, PartialSum, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row0 = (seq * NUM_HEADS + head) * NUM_SPLITS
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.load(PartialMax + row0 + s)
+    total_max = tl.max(m, axis=0)
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - total_max))
+    denom = tl.sum(tl.load(PartialSum + row0 + s) * weight, axis=0)
+    acc = tl.load(PartialAcc + (row0 + s)[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / denom
+    tl.store(Out + seq * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+class DecodeWorkspace:
+    """Scratch for split partials, allocated once per (max batch, splits) so graph replays reuse it."""
+
+    def __init__(self, max_seqs: int, num_heads: int, head_dim: int, max_splits: int, device: torch.device) -> None:
+        rows = max_seqs * num_heads * max_splits
+        self.acc = torch.empty(rows, head_dim, dtype=torch.float32, device=device)
+        self.max = torch.empty(rows, dtype=torch.float32, device=device)
+        self.sum = torch.empty(rows, dtype=torch.float32, device=device)
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Split the context until there are about two programs per SM (a power of two, at most max_splits)."""
+    splits = 1
+    while splits < max_splits and num_seqs * num_kv_heads * splits < 2 * num_sms:
+        splits *= 2
+    return splits
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    workspace: DecodeWorkspace | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] (one token per sequence) -> same shape.
+    block_tables: [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32 (including the new token)."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q) if out is None else out
+    if num_splits > 1 and workspace is None:
+        workspace = DecodeWorkspace(num_seqs, num_heads, head_dim, num_splits, q.device)
+    dummy = out  # unused pointer arguments when there is a single split
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out,
+        workspace.acc if num_splits > 1 else dummy,
+        workspace.max if num_splits > 1 else dummy,
+        workspace.sum if num_splits > 1 else dummy,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=_group_pad(group),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=max(block_size, 32),
+        num_warps=4,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, workspace.acc, workspace.max, workspace.sum, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
+        )  # fmt: skip
+    return out
+
+
+def _group_pad(group: int) -> int:
+    """Query heads per KV head, padded for the kernel: 1 stays 1 (vector path), else >= 16 for tl.dot."""
+    return 1 if group == 1 else max(16, triton.next_power_of_2(group))
+
+
+# -- prefill ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, KCache, VCache, BlockTables, Out,
+    TileSeq, TileRow, QueryStarts, QueryLens, ContextLens,
+    scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(TileSeq + tile)
+    row0 = tl.load(TileRow + tile)  # first query of this tile, within the sequence's new tokens
+    q_start = tl.load(QueryStarts + seq)
+    q_len = tl.load(QueryLens + seq)
+    context_len = tl.load(ContextLens + seq)
+    cached = context_len - q_len  # tokens before the new ones
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    positions = cached + rows  # each query sees keys 0..its position
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=row_valid[:, None], other=0.0)  # fmt: skip
+    q = (q.to(tl.float32) * scale).to(KCache.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    last_key = tl.minimum(cached + row0 + BLOCK_M, context_len)  # keys this tile can see at all
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(0, last_key, BLOCK_N):
+        tokens = start + offs
+        valid = tokens < last_key
+        blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        k = tl.load(KCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k))
+        visible = valid[None, :] & (tokens[None, :] <= positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # Rows with nothing visible yet (padding rows) keep m = -inf: guard the exp against nan.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_valid[:, None])  # fmt: skip
+
+
+def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """Map each program to (sequence, first query row): one program per block_m new tokens of a sequence."""
+    tile_seq, tile_row = [], []
+    for i, n in enumerate(query_lens):
+        for row in range(0, n, block_m):
+            tile_seq.append(i)
+            tile_row.append(row)
+    return tile_seq, tile_row
+
+
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    tile_seq: torch.Tensor,
+    tile_row: torch.Tensor,
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] packed new tokens -> same shape. Per-sequence int32 tensors:
+    query_starts/query_lens (where its new tokens sit in q), context_lens (cached + new); tile_seq/tile_row
+    from prefill_tiles(query_lens, PREFILL_BLOCK_M)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty_like(q) if out is None else out
+    _prefill_kernel[(tile_seq.numel(), num_heads)](
+        q, k_cache, v_cache, block_tables, out,
+        tile_seq, tile_row, query_starts, query_lens, context_lens,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

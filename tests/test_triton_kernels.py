@@ -13,7 +13,7 @@ from worker.engine import triton_attention as ta  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bf16 on GPU (the serving dtype); the interpreter runs numpy, which has no bf16.
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-TOLERANCE = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+TOLERANCE = 1e-2 if DTYPE is torch.bfloat16 else 1e-4
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

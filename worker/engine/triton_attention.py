@@ -307,7 +307,7 @@ def prefill_attention(
     """q: [num_tokens, num_heads, head_dim] packed new tokens -> same shape. Per-sequence int32 tensors:
     query_starts/query_lens (where its new tokens sit in q), context_lens (cached + new); tile_seq/tile_row
     from prefill_tiles(query_lens, PREFILL_BLOCK_M)."""
-    num_tokens, num_heads, head_dim = q.shape
+    _num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
     _prefill_kernel[(tile_seq.numel(), num_heads)](

@@ -1,29 +1,40 @@
-"""The KV block pool: which physical blocks are free, and which sequence holds which.
+"""The KV block pool: which physical blocks are free, which sequence holds which, and which full blocks can
+be reused by a later request with the same prefix.
 
 The cache is split into fixed-size blocks of `block_size` token slots. A sequence's block table maps its
 logical blocks (token i lives in logical block i // block_size) to physical blocks, so sequences grow
 without reserving their maximum length up front and memory is only wasted in each last block.
 
-Blocks carry a reference count so that several sequences can share one (prefix caching, n samples of one
-prompt); a block returns to the free list when its last holder releases it.
+Prefix caching: once a block is full, it is registered under a chained hash of its tokens and of all the
+tokens before it, so equal hashes mean equal prefixes (the tokens are compared too: a hash collision can
+never hand out wrong K/V). A new sequence whose prompt starts with registered blocks takes them (reference
+count + 1) and skips their prefill. A block whose last holder lets go stays registered on the free list,
+least recently freed first out: it is reused until its slot is needed for something else.
+
+Block 0 is the null block, never handed out: padded rows of a CUDA-graph batch read and write it.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from worker.engine.sequence import Sequence
 
+NULL_BLOCK = 0
+
 
 class BlockManager:
-    """Manages blocks 1..num_blocks of a pool of num_blocks + 1: block 0 is the null block, never handed
-    out, which padded rows of a CUDA-graph batch read and write."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks = num_blocks
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks  # blocks 1..num_blocks; the pool holds num_blocks + 1
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * (num_blocks + 1)
-        self.free_blocks: deque[int] = deque(range(1, num_blocks + 1))
+        # Free blocks in the order they were freed: allocation takes the oldest (LRU eviction).
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks + 1))
+        self.cached: dict[int, int] = {}  # prefix hash -> block
+        self.block_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (hash, its tokens)
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -32,6 +43,12 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_blocks)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    # -- allocation --------------------------------------------------------------------------------------
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add so that the sequence's cache covers `num_new_tokens` more tokens."""
@@ -47,16 +64,68 @@ class BlockManager:
         if needed > len(self.free_blocks):
             raise RuntimeError(f"out of KV blocks: need {needed}, have {len(self.free_blocks)}")
         for _ in range(needed):
-            block = self.free_blocks.popleft()
-            assert self.ref_counts[block] == 0, f"block {block} on the free list is still referenced"
+            block, _ = self.free_blocks.popitem(last=False)
+            self._evict(block)
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of the sequence (finish, abort or preemption)."""
+        # Last blocks first onto the free list, so they are evicted before the prefix blocks others share.
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0, f"block {block} released twice"
             if self.ref_counts[block] == 0:
-                self.free_blocks.append(block)
+                self.free_blocks[block] = None
         seq.block_table.clear()
+        seq.block_hashes.clear()
+
+    # -- prefix caching ----------------------------------------------------------------------------------
+
+    def take_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence holding no blocks: take the registered blocks its tokens start with and mark their
+        tokens computed. The last token is always left to compute (its logits are needed). Returns the
+        number of tokens reused."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        prev = 0
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash((prev, tokens))
+            block = self.cached.get(h)
+            if block is None or self.block_key[block] != (h, tokens):
+                break
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+            prev = h
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        return seq.num_computed_tokens
+
+    def record_prefix_lookup(self, num_tokens: int, reused: int) -> None:
+        """Count one admitted sequence's lookup (failed admissions are retried, and not counted twice)."""
+        self.prefix_query_tokens += num_tokens
+        self.prefix_hit_tokens += reused
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that this step filled (called after num_computed_tokens advanced)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash((seq.block_hashes[-1] if seq.block_hashes else 0, tokens))
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self.cached and block not in self.block_key:
+                self.cached[h] = block
+                self.block_key[block] = (h, tokens)
+
+    def _evict(self, block: int) -> None:
+        key = self.block_key.pop(block, None)
+        if key is not None and self.cached.get(key[0]) == block:
+            del self.cached[key[0]]

@@ -28,6 +28,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     # Prompt + generated tokens per sequence; None: the model's max_position_embeddings.
     max_model_len: int | None = None
+    # Reuse the KV blocks of prompt prefixes computed before (see block_manager.py).
+    enable_prefix_caching: bool = True
     # "auto": Triton kernels on CUDA, plain torch on CPU. "triton" on CPU runs Triton's interpreter (tests).
     attention_backend: str = "auto"
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).

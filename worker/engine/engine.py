@@ -55,6 +55,7 @@ class EngineStats:
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int
+    prefix_cache_hit_rate: float  # prompt tokens whose prefill was skipped / prompt tokens scheduled
 
 
 class LLMEngine:
@@ -67,7 +68,7 @@ class LLMEngine:
         self.eos_token_id: int | None = self.runner.hf_config.eos_token_id
         if isinstance(self.eos_token_id, list):  # some configs list several; Llama has one
             self.eos_token_id = self.eos_token_id[0]
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler(self.runner.device)
         self.sequences: dict[str, Sequence] = {}
@@ -125,6 +126,7 @@ class LLMEngine:
             num_free_blocks=self.block_manager.num_free_blocks,
             num_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.block_manager.prefix_hit_rate,
         )
 
     # -- the step ----------------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ class LLMEngine:
 
         for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
             seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
         now = time.time()
         outputs = []
         for seq, token_id, logprobs in zip(sampled, result.token_ids, result.logprobs, strict=True):

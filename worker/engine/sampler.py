@@ -1,9 +1,11 @@
 """Picks the next token of every sequence in the batch, each with its own parameters, in one pass.
 
 The warpers follow Hugging Face's order and meaning: temperature, then top-k, then top-p. Sampling uses
-the exponential-race form of the Gumbel-max trick (argmax of p / E with E ~ Exp(1)), with each row's noise
-drawn from a generator seeded by (request seed, index of the token being generated): a request's draws
-do not depend on what else is in the batch, nor on whether it was preempted and recomputed.
+the exponential-race form of the Gumbel-max trick (argmax of p / E with E ~ Exp(1)). The noise is a
+counter-based hash of (request seed, index of the generated token, vocabulary id), computed for the whole
+batch at once on the device: no generator objects, no per-request launches or host syncs, and a request's
+draws depend neither on what else is in the batch nor on whether it was preempted and recomputed. Being
+integer arithmetic, it is the same on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -15,14 +17,30 @@ import torch
 from worker.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+# Odd multipliers below 2**31: products of 32-bit values stay inside int64 (no signed overflow).
+_COLUMN_MIX = 0x27D4EB2D
+_HASH_MUL = 0x045D9F3B
 
 
 def mix_seed(seed: int, step: int) -> int:
-    """splitmix64 of (seed, step): well-spread generator seeds for consecutive steps."""
+    """splitmix64 of (seed, step): a well-spread key for each (request, generated token index)."""
     z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [rows, vocab], a pure function of each row's 32-bit key and the column index."""
+    columns = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    x = keys[:, None] ^ ((columns * _COLUMN_MIX) & _MASK32)
+    for _ in range(2):  # Thomas Mueller's 32-bit integer hash, twice
+        x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+        x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+        x = (x >> 16) ^ x
+    uniform = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0
+    return -torch.log(uniform)
 
 
 @dataclass
@@ -42,7 +60,6 @@ class SampleResult:
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device)
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> SampleResult:
         """logits: float32 [batch, vocab]; steps[i]: index of the token row i generates (0 = first)."""
@@ -52,10 +69,10 @@ class Sampler:
             rows = torch.tensor(sampled_rows, device=self.device)
             row_params = [params[i] for i in sampled_rows]
             probs = self._warped_probs(logits[rows], row_params)
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(sampled_rows):
-                self.generator.manual_seed(mix_seed(params[i].seed, steps[i]))
-                noise[j].exponential_(generator=self.generator)
+            keys = [mix_seed(params[i].seed, steps[i]) & _MASK32 for i in sampled_rows]
+            noise = exponential_noise(
+                torch.tensor(keys, dtype=torch.int64).to(self.device, non_blocking=True), probs.shape[-1]
+            )
             next_tokens[rows] = (probs / noise).argmax(dim=-1)
         token_ids = next_tokens.tolist()
         return SampleResult(token_ids=token_ids, logprobs=self._logprobs(logits, next_tokens, params))

@@ -80,10 +80,15 @@ class Scheduler:
         # sequence was put back at the front, so it is resumed before anything newer starts.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            reused = self.block_manager.take_cached_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             needed = self.block_manager.blocks_needed(seq, num_tokens)
             if needed > self.block_manager.num_free_blocks - (self.watermark_blocks if self.running else 0):
+                # Waiting sequences hold no blocks (else they could starve the running ones, or each other).
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
                 break
+            self.block_manager.record_prefix_lookup(seq.num_tokens, reused)
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING

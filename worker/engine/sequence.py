@@ -38,6 +38,8 @@ class Sequence:
     num_computed_tokens: int = 0
     # Physical KV block of each logical block, in order.
     block_table: list[int] = field(default_factory=list)
+    # Chained prefix hash of each full block, for prefix caching (see block_manager.py).
+    block_hashes: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     # Wall-clock times (time.time()) for the worker's timing report.

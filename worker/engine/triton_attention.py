@@ -149,6 +149,12 @@ def _merge_splits_kernel(
     tl.store(Out + seq * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
+# Tokens per loop iteration and warps per program of the decode kernel (tuned on H100 by
+# benchmarks/kernels.py; see docs/BENCHMARKS.md).
+DECODE_TILE = 64
+DECODE_WARPS = 4
+
+
 class DecodeWorkspace:
     """Scratch for split partials, allocated once per (max batch, splits) so graph replays reuse it."""
 
@@ -177,6 +183,8 @@ def decode_attention(
     num_splits: int,
     workspace: DecodeWorkspace | None = None,
     out: torch.Tensor | None = None,
+    tile: int = DECODE_TILE,
+    num_warps: int = DECODE_WARPS,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token per sequence) -> same shape.
     block_tables: [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32 (including the new token)."""
@@ -199,8 +207,8 @@ def decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=_group_pad(group),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=max(block_size, 32),
-        num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=max(block_size, tile),
+        num_warps=num_warps,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -289,6 +297,8 @@ def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[
 
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+PREFILL_WARPS = 4
+PREFILL_STAGES = 2
 
 
 def prefill_attention(
@@ -303,10 +313,14 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    block_m: int = PREFILL_BLOCK_M,
+    block_n: int = PREFILL_BLOCK_N,
+    num_warps: int = PREFILL_WARPS,
+    num_stages: int = PREFILL_STAGES,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] packed new tokens -> same shape. Per-sequence int32 tensors:
     query_starts/query_lens (where its new tokens sit in q), context_lens (cached + new); tile_seq/tile_row
-    from prefill_tiles(query_lens, PREFILL_BLOCK_M)."""
+    from prefill_tiles(query_lens, block_m)."""
     _num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -319,7 +333,7 @@ def prefill_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
-        num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

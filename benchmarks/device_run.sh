@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, check, then benchmark.
+#   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
+# steps: any of  tests kernels engine engine-peers  (default: tests kernels engine)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+steps=${*:-tests kernels engine}
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, transformers, triton, google.protobuf as p, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'protobuf', p.__version__, 'grpcio', grpc.__version__)"
+for step in $steps; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 ;;
+    engine-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py 2>&1 | tail -25 ;;
+    kernels) timeout 240 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;
+    engine) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --out "$OUT" 2>&1 | tee "$OUT/engine.log" | tail -40 ;;
+    engine-peers) timeout 540 python3 -m benchmarks.engine --shape codellama-7b --out "$OUT" 2>&1 | tee "$OUT/engine-peers.log" | tail -40 ;;
+  esac
+done

@@ -11,7 +11,8 @@ per active request, seq contiguous from 1, Finished last, then XACK + XDEL) but 
 nothing, so what is measured is the gateway. Three phases, one gateway:
 
 * throughput: --streams streams of --tokens tokens; the worker runs steps back-to-back, as fast as
-  Redis takes them. Figure: token events the clients receive per second, first to last, all clients.
+  Redis takes them, far ahead of the gateway (the backlog waits in the gateway's per-request inboxes).
+  Figure: token events the clients receive per second, first to last, all clients.
 * grpc-floor: the same clients against a bare grpc.aio server that only builds and yields the same
   events (no Redis, no gateway logic): what any grpc.aio process can relay on this machine, one message
   per token event. The gateway's figure read against this one says what is gRPC's and what is ours.
@@ -21,12 +22,12 @@ nothing, so what is measured is the gateway. Three phases, one gateway:
 
 Every stream is checked (Queued, seq contiguous, exactly --tokens TokenChunks, Finished, OK status).
 The CPU time of each process is read from /proc (Redis: INFO cpu): on a small machine all of them share
-the same cores, and events per gateway-CPU-second is the figure that does not depend on that.
+the same cores, and events per gateway-CPU-second depends far less on that than events per second.
 
-    python -m benchmarks.bus                 # both phases, ~30 s on 2 cores
-    python -m benchmarks.bus --quick         # smoke run, ~10 s (mostly start-up)
-    python -m benchmarks.bus --phase throughput --streams 512 --client-procs 2
-    python -m benchmarks.bus --phase throughput --gateway-profile /tmp/gateway.prof   # + cProfile top list
+    python -m benchmarks.bus                 # all three phases, ~25-30 s on 2 cores
+    python -m benchmarks.bus --quick         # smoke run, ~7 s (mostly start-up)
+    python -m benchmarks.bus --phases throughput --streams 512 --client-procs 2
+    python -m benchmarks.bus --phases throughput --gateway-profile /tmp/gateway.prof   # + cProfile top list
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 from pathlib import Path
 
@@ -82,56 +83,51 @@ def bench_decode(bandwidth: float, rows: list[dict]) -> None:
         workspace = ta.DecodeWorkspace(batch, HEADS, HEAD_DIM, 16, q.device)
         ref = reference(q, k_cache, v_cache, tables, lens, [1] * batch) if batch <= 32 else None
         bytes_read = batch * ctx * HEADS * HEAD_DIM * 2 * 2
-        for tile in (32, 64, 128):
-            for warps in (4, 8):
-
-                def run(tile=tile, warps=warps):
-                    return ta.decode_attention(q, k_cache, v_cache, tables, context_lens, HEAD_DIM**-0.5, splits,
-                                               workspace, tile=tile, num_warps=warps)  # fmt: skip
-
-                err = rel_error(run(), ref) if ref is not None else float("nan")
-                ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
-                row = {"kernel": "decode", "batch": batch, "ctx": ctx, "splits": splits, "tile": tile, "warps": warps,
-                       "ms": ms, "GB/s": bytes_read / ms / 1e6, "% of copy BW": 100 * bytes_read / (ms / 1e3) / bandwidth,
-                       "rel_err": err}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        args = (q, k_cache, v_cache, tables, context_lens, HEAD_DIM**-0.5, splits, workspace)
+        for tile, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            run = functools.partial(ta.decode_attention, *args, tile=tile, num_warps=warps)
+            err = rel_error(run(), ref) if ref is not None else float("nan")
+            ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
+            row = {"kernel": "decode", "batch": batch, "ctx": ctx, "splits": splits, "tile": tile, "warps": warps}
+            row |= {"ms": ms, "GB/s": bytes_read / ms / 1e6, "% of copy BW": 100 * bytes_read / (ms / 1e3) / bandwidth}
+            rows.append(row | {"rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def bench_prefill(matmul: float, rows: list[dict]) -> None:
-    cases = {"T1: 1x1024": ([1024], [1024]), "W1 chunk: 4x512": ([512] * 4, [512] * 4),
-             "chunk after prefix: 2x(1536+512)": ([2048] * 2, [512] * 2)}  # fmt: skip
+    cases = {
+        "T1: 1x1024": ([1024], [1024]),
+        "W1 chunk: 4x512": ([512] * 4, [512] * 4),
+        "chunk after prefix: 2x(1536+512)": ([2048] * 2, [512] * 2),
+    }
     for name, (ctx, qlen) in cases.items():
         q, k_cache, v_cache, tables = paged_inputs(ctx, qlen)
         starts = [sum(qlen[:i]) for i in range(len(qlen))]
-        flops = sum(4 * HEADS * HEAD_DIM * sum(c - n + j + 1 for j in range(n)) for c, n in zip(ctx, qlen, strict=True))
+        pairs = sum(sum(c - n + j + 1 for j in range(n)) for c, n in zip(ctx, qlen, strict=True))
+        flops = 4 * HEADS * HEAD_DIM * pairs  # QK^T and PV over the visible (query, key) pairs
         ref = reference(q, k_cache, v_cache, tables, ctx, qlen)
-
-        def i32(values):
-            return torch.tensor(values, dtype=torch.int32, device="cuda")
-
-        for block_m in (64, 128):
+        for block_m, block_n, warps, stages in ((64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)):
             tile_seq, tile_row = ta.prefill_tiles(qlen, block_m)
-            meta = (i32(tile_seq), i32(tile_row), i32(starts), i32(qlen), i32(ctx))
-            for block_n in (64, 128):
-                for warps, stages in ((4, 2), (8, 2), (8, 3)):
-
-                    def run(block_m=block_m, block_n=block_n, warps=warps, stages=stages, meta=meta):
-                        return ta.prefill_attention(q, k_cache, v_cache, tables, *meta, HEAD_DIM**-0.5,
-                                                    block_m=block_m, block_n=block_n, num_warps=warps,
-                                                    num_stages=stages)  # fmt: skip
-
-                    try:
-                        err = rel_error(run(), ref)
-                        ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
-                    except Exception as exc:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
-                        print(f"skip {name} {block_m}x{block_n} w{warps} s{stages}: {exc!r:.120}", flush=True)
-                        continue
-                    row = {"kernel": "prefill", "case": name, "block_m": block_m, "block_n": block_n,
-                           "warps": warps, "stages": stages, "ms": ms, "TFLOP/s": flops / ms / 1e9,
-                           "% of matmul": 100 * flops / (ms / 1e3) / matmul, "rel_err": err}  # fmt: skip
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+            meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in (tile_seq, tile_row, starts, qlen, ctx)]
+            run = functools.partial(
+                ta.prefill_attention, q, k_cache, v_cache, tables, *meta, HEAD_DIM**-0.5,
+                block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+            try:
+                err = rel_error(run(), ref)
+                ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
+            except Exception as exc:
+                print(f"skip {name} {block_m}x{block_n} w{warps} s{stages}: {exc!r:.120}", flush=True)
+                continue
+            row = {"kernel": "prefill", "case": name, "block_m": block_m, "block_n": block_n, "warps": warps}
+            row |= {
+                "stages": stages,
+                "ms": ms,
+                "TFLOP/s": flops / ms / 1e9,
+                "% of matmul": 100 * flops / (ms / 1e3) / matmul,
+            }
+            rows.append(row | {"rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def main() -> None:
@@ -144,23 +140,26 @@ def main() -> None:
     bench_decode(bandwidth, rows)
     bench_prefill(matmul, rows)
     card = torch.cuda.get_device_name()
-    result = {"card": card, "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
-              "triton": triton.__version__, "copy_bandwidth_Bps": bandwidth, "matmul_flops": matmul, "rows": rows}  # fmt: skip
+    result = {"card": card, "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__}
+    result |= {"triton": triton.__version__, "copy_bandwidth_Bps": bandwidth, "matmul_flops": matmul, "rows": rows}
     path = Path(args.out) / f"kernels-{card.replace(' ', '_')}-{datetime.date.today()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print("\nbest decode per shape (% of copy bandwidth):")
     for key in sorted({(r["batch"], r["ctx"]) for r in rows if r["kernel"] == "decode"}):
-        best = max(
-            (r for r in rows if r["kernel"] == "decode" and (r["batch"], r["ctx"]) == key), key=lambda r: r["GB/s"]
+        shape = [r for r in rows if r["kernel"] == "decode" and (r["batch"], r["ctx"]) == key]
+        best = max(shape, key=lambda r: r["GB/s"])
+        print(
+            f"  B={key[0]:4d} ctx={key[1]:5d}: {best['GB/s']:7.0f} GB/s ({best['% of copy BW']:.0f}%) "
+            f"tile {best['tile']} warps {best['warps']} err {best['rel_err']:.1e}"
         )
-        print(f"  B={key[0]:4d} ctx={key[1]:5d}: {best['GB/s']:7.0f} GB/s ({best['% of copy BW']:.0f}%) tile {best['tile']} "
-              f"warps {best['warps']} err {best['rel_err']:.1e}")  # fmt: skip
     print("best prefill per case (% of matmul rate):")
     for case in dict.fromkeys(r["case"] for r in rows if r["kernel"] == "prefill"):
         best = max((r for r in rows if r.get("case") == case), key=lambda r: r["TFLOP/s"])
-        print(f"  {case}: {best['TFLOP/s']:.0f} TFLOP/s ({best['% of matmul']:.0f}%) {best['block_m']}x{best['block_n']} "
-              f"w{best['warps']} s{best['stages']} err {best['rel_err']:.1e}")  # fmt: skip
+        print(
+            f"  {case}: {best['TFLOP/s']:.0f} TFLOP/s ({best['% of matmul']:.0f}%) "
+            f"{best['block_m']}x{best['block_n']} w{best['warps']} s{best['stages']} err {best['rel_err']:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -154,7 +154,9 @@ class Generation:
     async def _next(self) -> api.GenerateEvent | None:
         """The next event; None once the deadline (plus grace) has passed or events were lost."""
         queue = self.inbox.queue
-        if queue.empty() and self.inbox.broken:
+        if not queue.empty():
+            return queue.get_nowait()  # the common case under load: no timer to set up
+        if self.inbox.broken:
             return None
         timeout = self.deadline + self.owner.config.deadline_grace_s - time.time()
         try:

@@ -216,7 +216,7 @@ def test_prefix_caching_skips_the_shared_prefill_and_keeps_outputs_exact(demo_mo
     engine = make_engine(demo_model_dir, num_blocks=64, block_size=8)
     tok = engine.tokenizer
     shared = tok.encode(PROMPTS[3]).ids  # 96 tokens = 12 full blocks
-    first, second = shared + tok.encode("x = 1", add_special_tokens=False).ids, shared + [500, 501]
+    first, second = shared + tok.encode("x = 1", add_special_tokens=False).ids, [*shared, 500, 501]
     engine.add_request("first", first, SamplingParams(max_new_tokens=4, ignore_eos=True))
     tokens_first = run_to_completion(engine)["tokens"]["first"]
     engine.add_request("second", second, SamplingParams(max_new_tokens=4, ignore_eos=True))

@@ -130,3 +130,35 @@ def test_decode_splits_fill_the_gpu_for_small_batches():
     assert ta.decode_splits(1, 32, 132) == 16
     assert ta.decode_splits(256, 32, 132) == 1
     assert ta.decode_splits(4, 32, 132) == 4
+
+
+def test_fused_elementwise_kernels_match_transformers_modules():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from worker.engine import triton_ops
+
+    torch.manual_seed(0)
+    hidden = 96  # not a power of two: the masked tail is exercised
+    x = torch.randn(5, hidden, dtype=DTYPE, device=DEVICE)
+    residual = torch.randn(5, hidden, dtype=DTYPE, device=DEVICE)
+    norm = LlamaRMSNorm(hidden, eps=1e-5).to(DEVICE, DTYPE)
+    norm.weight.data.uniform_(0.5, 1.5)
+    out, new_residual = triton_ops.add_rms_norm(x, norm.weight, 1e-5, residual)
+    assert torch.equal(new_residual, residual + x)
+    assert relative_error(out, norm(residual + x).double()) < TOLERANCE / 10
+    out, same = triton_ops.add_rms_norm(x, norm.weight, 1e-5)
+    assert same is x and relative_error(out, norm(x).double()) < TOLERANCE / 10
+
+    q = torch.randn(7, 6, 32, dtype=DTYPE, device=DEVICE)
+    k = torch.randn(7, 3, 32, dtype=DTYPE, device=DEVICE)
+    angles = torch.randn(7, 16, device=DEVICE)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DTYPE), torch.cat([angles.sin()] * 2, -1).to(DTYPE)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    q2, k2 = q.clone(), k.clone()
+    triton_ops.rotary_(q2, cos, sin)
+    triton_ops.rotary_(k2, cos, sin)
+    assert relative_error(q2, ref_q.double()) < 1e-6 and relative_error(k2, ref_k.double()) < 1e-6
+
+    gate_up = torch.randn(4, 2 * 40, dtype=DTYPE, device=DEVICE)
+    expected = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
+    assert relative_error(triton_ops.silu_mul(gate_up), expected.double()) < TOLERANCE / 10

@@ -32,6 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # "auto": Triton kernels on CUDA, plain torch on CPU. "triton" on CPU runs Triton's interpreter (tests).
     attention_backend: str = "auto"
+    # With the Triton backend: fused q/k/v and gate/up projections, fused norm / rotary / SiLU kernels.
+    fused_kernels: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
     # Prompt tokens the detokenizer looks back on, so the first generated word keeps its leading space.

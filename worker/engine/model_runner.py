@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from worker.engine.attention_backends import TorchBackend, TritonBackend
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.llama import FusedLlama, TorchLlama
 from worker.engine.step_inputs import StepPlan
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -68,6 +68,9 @@ class ModelRunner:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend_name = backend
+        # Fused kernels go with the Triton backend; the torch path is transformers' own arithmetic.
+        fused = backend == "triton" and config.fused_kernels
+        self.llama = (FusedLlama if fused else TorchLlama)(self.model, self.cos, self.sin)
 
         self.num_blocks = config.num_blocks or self._num_blocks_from_memory()
         # One more than the block manager hands out: block 0 is the null block (see block_manager.py).
@@ -171,23 +174,11 @@ class ModelRunner:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, sample_indices=None, backend=None):
         """The model over a packed batch; logits (float32) for `sample_indices` rows, or all rows if None."""
         backend = backend or self.backend
-        llama = self.model.model
-        hidden = llama.embed_tokens(input_ids)
-        cos, sin = self.cos[positions], self.sin[positions]
-        num_tokens = hidden.shape[0]
-        for i, layer in enumerate(llama.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-            o = backend.attend(i, q, k, v, meta)
-            hidden = hidden + attn.o_proj(o.reshape(num_tokens, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if sample_indices is not None:
-            hidden = hidden[sample_indices]
-        return self.model.lm_head(llama.norm(hidden)).float()
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return backend.attend(layer, q, k, v, meta)
+
+        return self.llama(input_ids, positions, attend, sample_indices)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:

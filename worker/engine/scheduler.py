@@ -78,12 +78,16 @@ class Scheduler:
 
         # 2. Waiting sequences, first come first served, while budget, slots and blocks last. A preempted
         # sequence was put back at the front, so it is resumed before anything newer starts.
+        # Blocks the running sequences will need soon (the rest of their prompt, their next token) are kept
+        # free when admitting: admitting into that room would only cause preemptions and recomputation.
+        reserve = sum(self.block_manager.blocks_needed(s, s.num_uncomputed_tokens + 1) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             reused = self.block_manager.take_cached_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             needed = self.block_manager.blocks_needed(seq, num_tokens)
-            if needed > self.block_manager.num_free_blocks - (self.watermark_blocks if self.running else 0):
+            room = self.block_manager.num_free_blocks - (reserve + self.watermark_blocks if self.running else 0)
+            if needed > room:
                 # Waiting sequences hold no blocks (else they could starve the running ones, or each other).
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = 0
@@ -91,6 +95,7 @@ class Scheduler:
             self.block_manager.record_prefix_lookup(seq.num_tokens, reused)
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_tokens)
+            reserve += self.block_manager.blocks_needed(seq, seq.num_uncomputed_tokens - num_tokens + 1)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

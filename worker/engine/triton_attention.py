@@ -89,7 +89,7 @@ def _decode_kernel(
     d = tl.arange(0, HEAD_DIM)
     head = kv_head * GROUP + g
     q = tl.load(Q + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-    q = (q.to(tl.float32) * scale).to(KCache.dtype.element_ty)
+    q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(KCache.dtype.element_ty)  # exp2 below
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -107,8 +107,8 @@ def _decode_kernel(
             scores = tl.dot(q, tl.trans(k))
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(VCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if GROUP_PAD == 1:
@@ -142,7 +142,7 @@ def _merge_splits_kernel(
     d = tl.arange(0, HEAD_DIM)
     m = tl.load(PartialMax + row0 + s)
     total_max = tl.max(m, axis=0)
-    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - total_max))
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - total_max))  # maxima are in log2 units
     denom = tl.sum(tl.load(PartialSum + row0 + s) * weight, axis=0)
     acc = tl.load(PartialAcc + (row0 + s)[:, None] * HEAD_DIM + d[None, :])
     out = tl.sum(acc * weight[:, None], axis=0) / denom
@@ -151,7 +151,7 @@ def _merge_splits_kernel(
 
 # Tokens per loop iteration and warps per program of the decode kernel (tuned on H100 by
 # benchmarks/kernels.py; see docs/BENCHMARKS.md).
-DECODE_TILE = 64
+DECODE_TILE = 128
 DECODE_WARPS = 4
 
 
@@ -254,14 +254,30 @@ def _prefill_kernel(
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=row_valid[:, None], other=0.0)  # fmt: skip
-    q = (q.to(tl.float32) * scale).to(KCache.dtype.element_ty)
+    # exp2 instead of exp: fold log2(e) into the scale once.
+    q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(KCache.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    last_key = tl.minimum(cached + row0 + BLOCK_M, context_len)  # keys this tile can see at all
     offs = tl.arange(0, BLOCK_N)
-    for start in range(0, last_key, BLOCK_N):
+    # Keys before the tile's first position are visible to every row: no causal mask for those tiles.
+    unmasked_end = ((cached + row0 + 1) // BLOCK_N) * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        tokens = start + offs
+        blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE).to(tl.int64)
+        kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        k = tl.load(KCache + kv_offsets[:, None] + d[None, :])
+        scores = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VCache + kv_offsets[:, None] + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    last_key = tl.minimum(cached + row0 + BLOCK_M, context_len)  # keys this tile can see at all
+    for start in range(unmasked_end, last_key, BLOCK_N):
         tokens = start + offs
         valid = tokens < last_key
         blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -273,8 +289,8 @@ def _prefill_kernel(
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # Rows with nothing visible yet (padding rows) keep m = -inf: guard the exp against nan.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(VCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -295,10 +311,10 @@ def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[
     return tile_seq, tile_row
 
 
-PREFILL_BLOCK_M = 64
-PREFILL_BLOCK_N = 64
-PREFILL_WARPS = 4
-PREFILL_STAGES = 2
+PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_N = 128
+PREFILL_WARPS = 8
+PREFILL_STAGES = 3
 
 
 def prefill_attention(

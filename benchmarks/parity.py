@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("--shape", default="codellama-7b")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     model = build_model(args.shape, "", device, dtype)
     vocab = model.config.vocab_size
     tokenizer, _ = build_vocab_tokenizer(vocab, "")
@@ -49,7 +50,7 @@ def main() -> None:
         gaps.append((top2[:, 0] - top2[:, 1]).tolist())
     hf_s = time.perf_counter() - start
 
-    engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
+    engine = LLMEngine(EngineConfig(model="(in memory)", dtype=args.dtype), tokenizer=tokenizer, model=model)
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), ids, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
     ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
@@ -64,13 +65,13 @@ def main() -> None:
         rows.append({"prompt_len": len(prompts[i]), "identical": first is None, "first_difference": first,
                      "hf_logit_gap_there": gaps[i][first] if first is not None else None})  # fmt: skip
     identical = sum(r["identical"] for r in rows)
-    result = {"shape": args.shape, "card": torch.cuda.get_device_name(), "prompts": len(prompts),
+    result = {"shape": args.shape, "dtype": args.dtype, "card": torch.cuda.get_device_name(), "prompts": len(prompts),
               "new_tokens": args.new_tokens, "identical": identical, "rows": rows, "hf_seconds": hf_s}  # fmt: skip
     for r in rows:
         print(json.dumps(r))
-    print(f"greedy parity: {identical}/{len(prompts)} sequences identical over {args.new_tokens} tokens")
+    print(f"greedy parity ({args.dtype}): {identical}/{len(prompts)} sequences identical over {args.new_tokens} tokens")
     if args.out:
-        with open(f"{args.out}/parity-{args.shape}.json", "w") as f:
+        with open(f"{args.out}/parity-{args.shape}-{args.dtype}.json", "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -133,7 +133,7 @@ def test_decode_splits_fill_the_gpu_for_small_batches():
 
 
 def test_fused_elementwise_kernels_match_transformers_modules():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from worker.engine import triton_ops
 
@@ -149,16 +149,26 @@ def test_fused_elementwise_kernels_match_transformers_modules():
     out, same = triton_ops.add_rms_norm(x, norm.weight, 1e-5)
     assert same is x and relative_error(out, norm(x).double()) < TOLERANCE / 10
 
-    q = torch.randn(7, 6, 32, dtype=DTYPE, device=DEVICE)
-    k = torch.randn(7, 3, 32, dtype=DTYPE, device=DEVICE)
-    angles = torch.randn(7, 16, device=DEVICE)
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DTYPE), torch.cat([angles.sin()] * 2, -1).to(DTYPE)
-    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-    q2, k2 = q.clone(), k.clone()
-    triton_ops.rotary_(q2, cos, sin)
-    triton_ops.rotary_(k2, cos, sin)
-    assert relative_error(q2, ref_q.double()) < 1e-6 and relative_error(k2, ref_k.double()) < 1e-6
-
     gate_up = torch.randn(4, 2 * 40, dtype=DTYPE, device=DEVICE)
     expected = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
     assert relative_error(triton_ops.silu_mul(gate_up), expected.double()) < TOLERANCE / 10
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
+def test_rotary_write_kv_rotates_q_in_place_and_stores_rotated_k_and_v(heads, kv_heads):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(heads)
+    k_cache, v_cache = random_cache(8, 4, kv_heads, 32)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * 32, dtype=DTYPE, device=DEVICE)  # strided views, as in the model
+    q = qkv[:, : heads * 32].view(5, heads, 32)
+    k = qkv[:, heads * 32 : (heads + kv_heads) * 32].view(5, kv_heads, 32)
+    v = qkv[:, (heads + kv_heads) * 32 :].view(5, kv_heads, 32)
+    angles = torch.randn(5, 16, device=DEVICE)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DTYPE), torch.cat([angles.sin()] * 2, -1).to(DTYPE)
+    ref_q, ref_k = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin, unsqueeze_dim=1)
+    slots = torch.tensor([3, 0, 17, 31, 8], device=DEVICE)
+    ta.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert relative_error(q, ref_q.double()) < 1e-6
+    assert relative_error(k_cache.view(-1, kv_heads, 32)[slots], ref_k.double()) < 1e-6
+    assert torch.equal(v_cache.view(-1, kv_heads, 32)[slots], v)

@@ -43,7 +43,8 @@ class TorchBackend:
             ],
         )
 
-    def attend(self, layer: int, q, k, v, meta: torch_attention.AttentionMetadata) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, meta: torch_attention.AttentionMetadata, rotary=None) -> torch.Tensor:
+        assert rotary is None, "the torch path rotates q and k itself"
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         torch_attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return torch_attention.paged_attention(q, k_cache, v_cache, meta, self.scale)
@@ -157,9 +158,13 @@ class TritonBackend:
 
     # -- the layer ----------------------------------------------------------------------------------------
 
-    def attend(self, layer: int, q, k, v, meta: PrefillMetadata | DecodeMetadata) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, meta: PrefillMetadata | DecodeMetadata, rotary=None) -> torch.Tensor:
+        """With rotary=(cos, sin), q and k are not rotated yet: rotation and the K/V store are one kernel."""
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
-        self.ops.write_kv(k_cache, v_cache, k, v, meta.slots)
+        if rotary is None:
+            self.ops.write_kv(k_cache, v_cache, k, v, meta.slots)
+        else:
+            self.ops.rotary_write_kv(q, k, v, *rotary, k_cache, v_cache, meta.slots)
         if isinstance(meta, DecodeMetadata):
             return self.ops.decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, meta.num_splits,

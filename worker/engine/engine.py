@@ -49,6 +49,18 @@ class RequestOutput:
 
 
 @dataclass
+class StepTiming:
+    """Cumulative host time per phase of step(): where a step's wall time goes."""
+
+    steps: int = 0
+    schedule_s: float = 0.0  # scheduling and laying out the step's inputs
+    launch_s: float = 0.0  # copying inputs and enqueuing the forward pass (or replaying its graph)
+    sample_s: float = 0.0  # sampling, including the wait for the GPU to finish the step
+    outputs_s: float = 0.0  # detokenization, stop checks, outputs
+    batch_tokens: int = 0
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -72,6 +84,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler(self.runner.device)
         self.sequences: dict[str, Sequence] = {}
+        self.step_timing = StepTiming()
 
     @property
     def max_model_len(self) -> int:
@@ -132,6 +145,7 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -140,9 +154,12 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         plan = plan_step(batch, self.config.block_size)
+        t1 = time.perf_counter()
         logits = self.runner.run(plan)
+        t2 = time.perf_counter()
         sampled = [batch.seqs[i] for i in plan.sampled_seq_indices]
         result = self.sampler(logits, [s.params for s in sampled], [s.num_generated_tokens for s in sampled])
+        t3 = time.perf_counter()
 
         for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
             seq.num_computed_tokens += n
@@ -153,6 +170,13 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             outputs.append(self._append_token(seq, token_id, logprobs))
+        timing = self.step_timing
+        timing.steps += 1
+        timing.schedule_s += t1 - t0
+        timing.launch_s += t2 - t1
+        timing.sample_s += t3 - t2  # waits for the GPU: the step's one host sync
+        timing.outputs_s += time.perf_counter() - t3
+        timing.batch_tokens += len(plan.input_ids)
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:

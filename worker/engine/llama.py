@@ -5,7 +5,8 @@ Two versions of the same computation:
   CPU path, exactly transformers' arithmetic, which the parity tests rely on.
 - `FusedLlama` (GPU) runs the same weights through fewer, larger kernels: q/k/v as one matrix product
   and gate/up as another (the transformers modules keep working on views of the fused weights), residual
-  add + RMSNorm, rotary and SiLU*up each in one Triton kernel (triton_ops.py).
+  add + RMSNorm and SiLU*up each in one Triton kernel (triton_ops.py), rotary fused with the K/V store
+  (triton_attention.py).
 
 Both take (input_ids, positions, attention metadata, rows to sample) and return float32 logits.
 """
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-# attend(layer_index, q, k, v) -> attention output for the new tokens; it also stores k and v.
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer_index, q, k, v, rotary) -> attention output for the new tokens; it also stores k and v.
+# With rotary=(cos, sin) the backend applies the rotary embedding itself (fused with the K/V store).
+Attend = Callable[..., torch.Tensor]
 
 
 class TorchLlama:
@@ -88,9 +90,7 @@ class FusedLlama:
             q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-            ops.rotary_(q, cos, sin)
-            ops.rotary_(k, cos, sin)
-            hidden = F.linear(attend(i, q, k, v).reshape(n, -1), layer.self_attn.o_proj.weight)
+            hidden = F.linear(attend(i, q, k, v, (cos, sin)).reshape(n, -1), layer.self_attn.o_proj.weight)
             x, residual = ops.add_rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps, residual)
             hidden = F.linear(ops.silu_mul(F.linear(x, self.gate_up_weights[i])), layer.mlp.down_proj.weight)
         if sample_indices is not None:

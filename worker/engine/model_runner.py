@@ -175,8 +175,8 @@ class ModelRunner:
         """The model over a packed batch; logits (float32) for `sample_indices` rows, or all rows if None."""
         backend = backend or self.backend
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return backend.attend(layer, q, k, v, meta)
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
+            return backend.attend(layer, q, k, v, meta, rotary)
 
         return self.llama(input_ids, positions, attend, sample_indices)
 

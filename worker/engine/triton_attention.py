@@ -59,6 +59,61 @@ def write_kv(
     )  # fmt: skip
 
 
+@triton.jit
+def _rotary_write_kv_kernel(
+    Q, K, V, Cos, Sin, KCache, VCache, Slots,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_cs, stride_ch,
+    NUM_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slots + token).to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    cos = tl.load(Cos + token * stride_ct + d)  # transformers' cos/sin repeat their first half
+    sin = tl.load(Sin + token * stride_ct + d)
+    dt = Q.dtype.element_ty
+    # q * cos + rotate_half(q) * sin, rotate_half(q) = (-x2, x1); each product rounded as torch rounds it.
+    qh = tl.arange(0, Q_HEADS_PAD)[:, None]
+    qmask = qh < NUM_HEADS
+    qbase = Q + token * stride_qt + qh * stride_qh
+    x1 = tl.load(qbase + d, mask=qmask, other=0.0)
+    x2 = tl.load(qbase + HALF + d, mask=qmask, other=0.0)
+    tl.store(qbase + d, ((x1 * cos).to(dt) + (-x2 * sin).to(dt)).to(dt), mask=qmask)
+    tl.store(qbase + HALF + d, ((x2 * cos).to(dt) + (x1 * sin).to(dt)).to(dt), mask=qmask)
+    kh = tl.arange(0, KV_HEADS_PAD)[:, None]
+    kmask = kh < NUM_KV_HEADS
+    kbase = K + token * stride_kt + kh * stride_kh
+    x1 = tl.load(kbase + d, mask=kmask, other=0.0)
+    x2 = tl.load(kbase + HALF + d, mask=kmask, other=0.0)
+    cbase = slot * stride_cs + kh * stride_ch
+    tl.store(KCache + cbase + d, ((x1 * cos).to(dt) + (-x2 * sin).to(dt)).to(dt), mask=kmask)
+    tl.store(KCache + cbase + HALF + d, ((x2 * cos).to(dt) + (x1 * sin).to(dt)).to(dt), mask=kmask)
+    vbase = V + token * stride_vt + kh * stride_vh
+    tl.store(VCache + cbase + d, tl.load(vbase + d, mask=kmask), mask=kmask)
+    tl.store(VCache + cbase + HALF + d, tl.load(vbase + HALF + d, mask=kmask), mask=kmask)
+
+
+def rotary_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> None:  # fmt: skip
+    """Rotary embedding applied to q (in place) and k, and the rotated k with v stored in their slots: one
+    launch instead of three. q, k, v: [num_tokens, heads, head_dim], last dim contiguous."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_tokens == 0:
+        return
+    kc = k_cache.view(-1, num_kv_heads, head_dim)
+    vc = v_cache.view(-1, num_kv_heads, head_dim)
+    _rotary_write_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, kc, vc, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        kc.stride(0), kc.stride(1),
+        NUM_HEADS=num_heads, Q_HEADS_PAD=triton.next_power_of_2(num_heads),
+        NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
+    )  # fmt: skip
+
+
 # -- decode -------------------------------------------------------------------------------------------------
 
 
@@ -72,7 +127,7 @@ def _decode_kernel(
     stride_bt,
     stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -104,7 +159,7 @@ def _decode_kernel(
         if GROUP_PAD == 1:
             scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
         else:
-            scores = tl.dot(q, tl.trans(k))
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -114,7 +169,7 @@ def _decode_kernel(
         if GROUP_PAD == 1:
             acc = acc * alpha[:, None] + tl.sum(p.reshape(TILE, 1) * v.to(tl.float32), axis=0)[None, :]
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     group_mask = (g < GROUP)[:, None]
@@ -207,7 +262,7 @@ def decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=_group_pad(group),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=max(block_size, tile),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=max(block_size, tile), PRECISION=_precision(q),
         num_warps=num_warps,
     )  # fmt: skip
     if num_splits > 1:
@@ -216,6 +271,12 @@ def decode_attention(
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
         )  # fmt: skip
     return out
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 inputs get full-precision dots (tf32 would blur the float32 parity checks); bf16/fp16 are
+    exact inputs to the tensor cores anyway."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _group_pad(group: int) -> int:
@@ -236,7 +297,7 @@ def _prefill_kernel(
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -268,13 +329,13 @@ def _prefill_kernel(
         blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE).to(tl.int64)
         kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
         k = tl.load(KCache + kv_offsets[:, None] + d[None, :])
-        scores = tl.dot(q, tl.trans(k))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(VCache + kv_offsets[:, None] + d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     last_key = tl.minimum(cached + row0 + BLOCK_M, context_len)  # keys this tile can see at all
     for start in range(unmasked_end, last_key, BLOCK_N):
@@ -283,7 +344,7 @@ def _prefill_kernel(
         blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
         k = tl.load(KCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         visible = valid[None, :] & (tokens[None, :] <= positions[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -293,7 +354,7 @@ def _prefill_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(VCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -349,7 +410,7 @@ def prefill_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

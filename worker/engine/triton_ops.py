@@ -7,8 +7,9 @@ in one pass, rounding where transformers rounds (bf16 after each torch op), so r
 path up to the order of the sums inside a row.
 
 - add_rms_norm: residual add (optional) + RMSNorm, one row per program;
-- rotary: rotary position embedding applied in place to q and k;
 - silu_mul: SiLU(gate) * up from the fused gate/up projection.
+
+(Rotary is fused with the K/V store: triton_attention.rotary_write_kv.)
 """
 
 from __future__ import annotations
@@ -55,39 +56,6 @@ def add_rms_norm(
             num_warps=8 if n >= 4096 else 4,
         )  # fmt: skip
     return out, residual_out
-
-
-@triton.jit
-def _rotary_kernel(
-    X, Cos, Sin, stride_xt, stride_xh, stride_ct,
-    NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
-):  # fmt: skip
-    token = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    d = tl.arange(0, HALF)[None, :]
-    mask = heads < NUM_HEADS
-    base = X + token * stride_xt + heads * stride_xh
-    x1 = tl.load(base + d, mask=mask, other=0.0)
-    x2 = tl.load(base + HALF + d, mask=mask, other=0.0)
-    # transformers' cos/sin repeat their first half: cos[:HALF] == cos[HALF:].
-    cos = tl.load(Cos + token * stride_ct + d)
-    sin = tl.load(Sin + token * stride_ct + d)
-    dt = X.dtype.element_ty
-    # q * cos + rotate_half(q) * sin, with rotate_half(q) = (-x2, x1); each product rounded as in torch.
-    out1 = ((x1 * cos).to(dt) + (-x2 * sin).to(dt)).to(dt)
-    out2 = ((x2 * cos).to(dt) + (x1 * sin).to(dt)).to(dt)
-    tl.store(base + d, out1, mask=mask)
-    tl.store(base + HALF + d, out2, mask=mask)
-
-
-def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """In place: x [num_tokens, num_heads, head_dim] (last dim contiguous); cos/sin [num_tokens, head_dim]."""
-    tokens, heads, head_dim = x.shape
-    if tokens:
-        _rotary_kernel[(tokens,)](
-            x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
-            NUM_HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads), HALF=head_dim // 2,
-        )  # fmt: skip
 
 
 @triton.jit

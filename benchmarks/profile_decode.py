@@ -1,0 +1,78 @@
+"""Where a decode step's time goes, on the GPU: host phases of engine.step() and the CUDA kernels.
+
+    python -m benchmarks.profile_decode [--out DIR]
+
+Two steady states on the Code Llama 7B stand-in: one stream (S1's shape) and 128 streams of 512-token
+prompts. For each: wall time per step, the host phases (StepTiming), GPU kernel time per step and the
+kernels that take it (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.engine_setup import build_model, build_vocab_tokenizer
+from worker.engine import EngineConfig, LLMEngine, SamplingParams
+from worker.engine.engine import StepTiming
+
+
+def steady_state(engine: LLMEngine, streams: int, prompt: int, warm_steps: int, steps: int) -> dict:
+    rng = random.Random(streams)
+    vocab = engine.vocab_size
+    for i in range(streams):
+        ids = [1] + [rng.randrange(3, vocab) for _ in range(prompt - 1)]
+        engine.add_request(
+            f"p{streams}-{i}", ids, SamplingParams(max_new_tokens=warm_steps + steps + 50, ignore_eos=True)
+        )
+    for _ in range(warm_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    engine.step_timing = StepTiming()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / steps  # ms per step
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:14]
+    for rid in list(engine.sequences):
+        engine.abort_request(rid)
+    timing = {k: v / steps * 1e3 if k.endswith("_s") else v for k, v in dataclasses.asdict(engine.step_timing).items()}
+    return {
+        "streams": streams, "prompt": prompt, "wall_ms_per_step": wall * 1e3, "gpu_kernel_ms_per_step": gpu_total,
+        "host_phases_ms_per_step": timing,
+        "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                         "calls_per_step": e.count / steps} for e in top],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model("codellama-7b", "", device, torch.bfloat16)
+    tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
+    engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
+    results = [steady_state(engine, 1, 128, 20, 40), steady_state(engine, 128, 512, 40, 20)]
+    for r in results:
+        print(f"\n{r['streams']} streams: wall {r['wall_ms_per_step']:.2f} ms/step, GPU kernels "
+              f"{r['gpu_kernel_ms_per_step']:.2f} ms/step; host phases {json.dumps(r['host_phases_ms_per_step'])}")  # fmt: skip
+        for k in r["top_kernels"]:
+            print(f"  {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:5.0f}  {k['name']}")
+    if args.out:
+        with open(f"{args.out}/profile-decode.json", "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

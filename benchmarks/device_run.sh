@@ -16,7 +16,7 @@ for step in $steps; do
     engine-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py 2>&1 | tail -25 ;;
     kernels) timeout 240 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;
     engine) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --out "$OUT" 2>&1 | tee "$OUT/engine.log" | tail -40 ;;
-    parity) timeout 200 python3 -m benchmarks.parity --out "$OUT" 2>&1 | tail -4 ;;
+    parity) timeout 200 python3 -m benchmarks.parity --prompts 32 --new-tokens 64 --out "$OUT" 2>&1 | tail -4 ;;
     parity32) timeout 200 python3 -m benchmarks.parity --dtype float32 --out "$OUT" 2>&1 | tail -4 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --out "$OUT" 2>&1 | tail -36 ;;
     engine-peers) timeout 540 python3 -m benchmarks.engine --shape codellama-7b --out "$OUT" 2>&1 | tee "$OUT/engine-peers.log" | tail -40 ;;

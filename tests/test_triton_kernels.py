@@ -95,7 +95,7 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
     tables = random_block_tables(context_lens, block_size, 128)
     q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
     starts = [sum(query_lens[:i]) for i in range(len(cases))]
-    tile_seq, tile_row = ta.prefill_tiles(query_lens, ta.PREFILL_BLOCK_M)
+    tile_seq, tile_row = ta.prefill_tiles(query_lens, ta.prefill_block_m(DTYPE))
 
     def i32(values):
         return torch.tensor(values, dtype=torch.int32, device=DEVICE)
@@ -169,6 +169,8 @@ def test_rotary_write_kv_rotates_q_in_place_and_stores_rotated_k_and_v(heads, kv
     ref_q, ref_k = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin, unsqueeze_dim=1)
     slots = torch.tensor([3, 0, 17, 31, 8], device=DEVICE)
     ta.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
-    assert relative_error(q, ref_q.double()) < 1e-6
-    assert relative_error(k_cache.view(-1, kv_heads, 32)[slots], ref_k.double()) < 1e-6
+    # bf16 on GPU: within rounding of transformers (the compiler may keep a product unrounded before the add).
+    tolerance = 4e-3 if DTYPE is torch.bfloat16 else 1e-6
+    assert relative_error(q, ref_q.double()) < tolerance
+    assert relative_error(k_cache.view(-1, kv_heads, 32)[slots], ref_k.double()) < tolerance
     assert torch.equal(v_cache.view(-1, kv_heads, 32)[slots], v)

@@ -113,7 +113,8 @@ class TritonBackend:
         for i, (table, n) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
             used = -(-n // block_size)
             tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
-        tile_seq, tile_row = self.ops.prefill_tiles(plan.query_lens, self.ops.PREFILL_BLOCK_M)
+        block_m = self.ops.prefill_block_m(self.k_caches[0].dtype)
+        tile_seq, tile_row = self.ops.prefill_tiles(plan.query_lens, block_m)
         i32 = torch.int32
         return PrefillMetadata(
             slots=_device_tensor(plan.slots, torch.long, device),

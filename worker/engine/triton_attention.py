@@ -378,6 +378,11 @@ PREFILL_WARPS = 8
 PREFILL_STAGES = 3
 
 
+def prefill_block_m(dtype: torch.dtype) -> int:
+    """Query rows per program: float32 tiles take twice the shared memory, so they get half the rows."""
+    return 64 if dtype == torch.float32 else PREFILL_BLOCK_M
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -390,14 +395,18 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
-    block_m: int = PREFILL_BLOCK_M,
-    block_n: int = PREFILL_BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
     num_warps: int = PREFILL_WARPS,
-    num_stages: int = PREFILL_STAGES,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] packed new tokens -> same shape. Per-sequence int32 tensors:
     query_starts/query_lens (where its new tokens sit in q), context_lens (cached + new); tile_seq/tile_row
-    from prefill_tiles(query_lens, block_m)."""
+    from prefill_tiles(query_lens, block_m), block_m defaulting to prefill_block_m(q.dtype)."""
+    fp32 = q.dtype == torch.float32
+    block_m = block_m or prefill_block_m(q.dtype)
+    block_n = block_n or (32 if fp32 else PREFILL_BLOCK_N)
+    num_stages = num_stages or (2 if fp32 else PREFILL_STAGES)
     _num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out

@@ -17,6 +17,7 @@ for step in $steps; do
     kernels) timeout 240 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;
     engine) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --out "$OUT" 2>&1 | tee "$OUT/engine.log" | tail -40 ;;
     parity) timeout 200 python3 -m benchmarks.parity --prompts 32 --new-tokens 64 --out "$OUT" 2>&1 | tail -4 ;;
+    control) timeout 300 python3 -m benchmarks.parity --control --prompts 8 --new-tokens 24 --out "$OUT" 2>&1 | tail -5 ;;
     parity32) timeout 200 python3 -m benchmarks.parity --dtype float32 --out "$OUT" 2>&1 | tail -4 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --out "$OUT" 2>&1 | tail -36 ;;
     engine-peers) timeout 540 python3 -m benchmarks.engine --shape codellama-7b --out "$OUT" 2>&1 | tee "$OUT/engine-peers.log" | tail -40 ;;

@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cuda")
     parser.add_argument(
         "--control",
         action="store_true",
@@ -46,7 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     control = None
     if args.control:  # the same weights in float32, rounded to bf16 for the model under test
         control = build_model(args.shape, "", device, torch.float32)
@@ -69,7 +70,8 @@ def main() -> None:
         gaps.append(gap)
     hf_s = time.perf_counter() - start
 
-    engine = LLMEngine(EngineConfig(model="(in memory)", dtype=args.dtype), tokenizer=tokenizer, model=model)
+    config = EngineConfig(model="(in memory)", dtype=args.dtype, device=args.device)
+    engine = LLMEngine(config, tokenizer=tokenizer, model=model)
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), ids, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
     ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
@@ -89,7 +91,8 @@ def main() -> None:
         ours_vs_fp32 = sum(ours[str(i)] == b for i, b in enumerate(control_tokens))
         print(f"control: transformers {args.dtype} = transformers float32 for {hf_vs_fp32}/{len(prompts)}; "
               f"ours {args.dtype} = transformers float32 for {ours_vs_fp32}/{len(prompts)}")  # fmt: skip
-    result = {"shape": args.shape, "dtype": args.dtype, "card": torch.cuda.get_device_name(), "prompts": len(prompts),
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"shape": args.shape, "dtype": args.dtype, "card": card, "prompts": len(prompts),
               "new_tokens": args.new_tokens, "identical": identical, "rows": rows, "hf_seconds": hf_s}  # fmt: skip
     if control_tokens is not None:
         result["control_hf_identical_to_fp32"] = hf_vs_fp32

@@ -65,8 +65,11 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
     results = [steady_state(engine, 1, 128, 20, 40), steady_state(engine, 128, 512, 40, 20)]
     for r in results:
-        print(f"\n{r['streams']} streams: wall {r['wall_ms_per_step']:.2f} ms/step, GPU kernels "
-              f"{r['gpu_kernel_ms_per_step']:.2f} ms/step; host phases {json.dumps(r['host_phases_ms_per_step'])}")  # fmt: skip
+        phases = json.dumps(r["host_phases_ms_per_step"])
+        print(
+            f"\n{r['streams']} streams: wall {r['wall_ms_per_step']:.2f} ms/step, "
+            f"GPU kernels {r['gpu_kernel_ms_per_step']:.2f} ms/step; host phases {phases}"
+        )
         for k in r["top_kernels"]:
             print(f"  {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:5.0f}  {k['name']}")
     if args.out:

@@ -25,5 +25,7 @@ class WorkerConfig:
     block_size: int = setting(16, "tokens per KV block")
     kv_cache_memory_fraction: float = setting(0.9, "share of free GPU memory the KV cache may take")
     cpu_kv_cache_gib: float = setting(0.5, "KV cache size on CPU")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
+    cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU)")
     heartbeat_s: float = setting(2.0, "how often the worker refreshes its liveness key")
     shutdown_grace_s: float = setting(60.0, "on SIGTERM, how long running requests may take to finish")

@@ -31,6 +31,8 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len or None,
+        enable_prefix_caching=config.enable_prefix_caching,
+        cuda_graphs=config.cuda_graphs,
     )
 
 

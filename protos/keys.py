@@ -12,6 +12,10 @@ Redis. Both the gateway and the worker build names only through a ``Keys`` insta
 | ``<ns>:cancelled:<request_id>``   | string + TTL  | gateway    | worker   | cancel of a job not yet picked up |
 | ``<ns>:req:<request_id>``         | string + TTL  | gateway    | gateway  | id in flight (idempotency)        |
 | ``<ns>:worker:<worker_id>``       | string + TTL  | worker     | anyone   | worker heartbeat (JSON info)      |
+| ``<ns>:log:<request_id>``         | stream + TTL  | worker     | gateways | the request's events, id = seq-0  |
+| ``<ns>:attempt:<request_id>``     | string + TTL  | worker     | worker   | fencing token: current attempt    |
+| ``<ns>:dead``                     | stream        | worker     | operators| jobs delivered too many times     |
+| ``<ns>:attached:<request_id>``    | string + TTL  | gateway    | gateway  | gateway streaming it (resume)     |
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 JOB_FIELD = b"job"  # the stream entry's only field: a serialized codestream.v1.Job
+EVENT_FIELD = b"e"  # an event log entry's only field: a serialized codestream.v1.GenerateEvent
 WORKER_GROUP = "workers"
 
 
@@ -53,3 +58,16 @@ class Keys:
     @property
     def worker_pattern(self) -> str:
         return f"{self.namespace}:worker:*"
+
+    def event_log(self, request_id: str) -> str:
+        return f"{self.namespace}:log:{request_id}"
+
+    def attempt(self, request_id: str) -> str:
+        return f"{self.namespace}:attempt:{request_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.namespace}:dead"
+
+    def attached(self, request_id: str) -> str:
+        return f"{self.namespace}:attached:{request_id}"

@@ -33,6 +33,7 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         max_model_len=config.max_model_len or None,
         enable_prefix_caching=config.enable_prefix_caching,
         cuda_graphs=config.cuda_graphs,
+        fault_poison_token_id=config.fault_poison_token_id,
     )
 
 

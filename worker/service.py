@@ -1,13 +1,15 @@
 """The worker process: pulls jobs from Redis, drives the engine, publishes events back.
 
-Three tasks share one event loop:
-  intake   XREADGROUP jobs (as many as the engine can take), screen them, queue them for the engine;
-  cancels  one subscription to the cancel channel;
-  engine   apply queued adds/aborts and expired deadlines, run one engine step in a thread, publish.
+Tasks sharing one event loop:
+  intake     XREADGROUP new jobs (as many as the engine can take), screen them, queue them for the engine;
+  reclaim    take over jobs whose worker stopped renewing its lease, continuing them where they were;
+  heartbeat  renew this worker's leases (and drop jobs it lost), refresh its liveness key;
+  cancels    one subscription to the cancel channel;
+  engine     apply queued adds/aborts and expired deadlines, run one engine step in a thread, emit.
 
-Only the engine task touches the engine, between steps, so the engine needs no locks. Publishing a step's
-events (one PUBLISH per gateway, plus XACK/XDEL of finished jobs, in one pipeline) overlaps the next step's
-compute; publishes are chained so that events reach each gateway in step order.
+Only the engine task touches the engine, between steps, so the engine needs no locks. A step's events go
+out in one script call (emitter.py) while the next step computes; emits are chained, so events reach each
+gateway in step order, and the engine never runs more than one step ahead of what Redis has accepted.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 
 import grpc
 import structlog
@@ -25,102 +26,107 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from protos import api, bus
-from protos.keys import JOB_FIELD, Keys
+from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
 from worker import events
+from worker.emitter import Emitter
 from worker.engine import LLMEngine, RequestOutput, SamplingParams
+from worker.leases import Claimed, Leases
+from worker.state import Outbox, Running
 
 log = structlog.get_logger("worker")
 
-
-@dataclass
-class Running:
-    """A job this worker has taken: where its events go and how far its stream is."""
-
-    job: bus.Job
-    entry_id: bytes
-    seq: int = 0  # last event seq published
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-
-@dataclass
-class Outbox:
-    """Events and finished jobs of one step, grouped for one pipeline."""
-
-    batches: dict[str, list[api.GenerateEvent]] = field(default_factory=lambda: defaultdict(list))
-    done_entries: list[bytes] = field(default_factory=list)
-
-    def add(self, req: Running, event: api.GenerateEvent, final: bool = False) -> None:
-        self.batches[req.job.reply_channel].append(event)
-        if final:
-            self.done_entries.append(req.entry_id)
-
-    def __bool__(self) -> bool:
-        return bool(self.batches or self.done_entries)
+DROP = -1  # a queued abort that emits nothing: the job is someone else's now (lease lost, handed back)
 
 
 class Worker:
-    def __init__(self, engine: LLMEngine, redis: Redis, keys: Keys, worker_id: str, fingerprint: str) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        redis: Redis,
+        keys: Keys,
+        worker_id: str,
+        fingerprint: str,
+        *,
+        lease_s: float = 15.0,
+        max_deliveries: int = 5,
+        event_log_ttl_s: int = 600,
+    ) -> None:
         self.engine = engine
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
         self.fingerprint = fingerprint
+        self.lease_s = lease_s
+        self.leases = Leases(redis, keys, worker_id, lease_s, max_deliveries)
+        self.emitter = Emitter(redis, keys, event_log_ttl_s)
         self.requests: dict[str, Running] = {}  # taken from the stream, not yet finished
         self._to_add: list[Running] = []
-        self._to_abort: dict[str, int] = {}  # request id -> api.StopReason
+        self._to_abort: dict[str, int] = {}  # request id -> api.StopReason, or DROP
         self._wake = asyncio.Event()
         self._capacity = asyncio.Event()
         self._draining = False
         self._publishing: asyncio.Task | None = None
-        # Jobs taken per intake read: enough to keep a full batch plus a queue behind it.
+        # Jobs held at once: enough to keep a full batch plus a queue behind it.
         self.max_taken = 2 * engine.config.max_num_seqs
-        # Lifetime counts by outcome (jobs taken, finished by stop reason, refused...), for logs and tests.
+        # Lifetime counts by outcome (jobs taken, finished by stop reason, fenced, reclaimed...).
         self.counts: Counter[str] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, heartbeat_s: float = 2.0, shutdown_grace_s: float = 60.0) -> None:
-        """Serve until `stop` is set, then drain: take no new jobs, finish running ones within the grace."""
+        """Serve until `stop` is set, then drain: take no new jobs, finish running ones within the grace,
+        hand the rest back for other workers to continue."""
         await self._ensure_group()
-        tasks = [
+        feeders = [
             asyncio.create_task(self._intake(), name="intake"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+        ]
+        helpers = [
             asyncio.create_task(self._cancels(), name="cancels"),
             asyncio.create_task(self._heartbeat(heartbeat_s), name="heartbeat"),
         ]
         engine_task = asyncio.create_task(self._engine_loop(), name="engine")
         log.info("worker_ready", worker_id=self.worker_id, num_blocks=self.engine.block_manager.num_blocks)
         stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({stopping, engine_task, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (engine_task, *tasks):
+        await asyncio.wait({stopping, engine_task, *feeders, *helpers}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (engine_task, *feeders, *helpers):
             if task.done() and not task.cancelled() and task.exception():
                 log.error("worker_task_failed", task=task.get_name(), error=repr(task.exception()))
         self._draining = True
-        tasks[0].cancel()  # no new jobs
+        for task in feeders:
+            task.cancel()  # no new jobs from here on
         log.info("worker_draining", running=len(self.requests), grace_s=shutdown_grace_s)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=shutdown_grace_s)
         if self.requests:
-            for rid in list(self.requests):
-                self._to_abort[rid] = api.STOP_REASON_ERROR
-            self._wake.set()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained(), timeout=5)
-        for task in (engine_task, *tasks):
+            await self._hand_back_all()
+        for task in (engine_task, *feeders, *helpers):
             task.cancel()
-        await asyncio.gather(engine_task, *tasks, return_exceptions=True)
+        await asyncio.gather(engine_task, *feeders, *helpers, return_exceptions=True)
         if self._publishing:
             await asyncio.gather(self._publishing, return_exceptions=True)
-        with contextlib.suppress(RedisError):
+        with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.keys.worker(self.worker_id))
-        log.info("worker_stopped", worker_id=self.worker_id)
+        log.info("worker_stopped", worker_id=self.worker_id, counts=dict(self.counts))
 
     async def _drained(self) -> None:
         while self.requests:
             self._capacity.clear()
             await self._capacity.wait()
+
+    async def _hand_back_all(self) -> None:
+        """Past the grace period: stop the remaining jobs here without a final event and let other workers
+        continue them from their event logs."""
+        remaining = list(self.requests.values())
+        for req in remaining:
+            self._to_abort[req.request_id] = DROP
+        self._wake.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drained(), timeout=5)
+        with contextlib.suppress(RedisError, OSError):
+            await self.leases.hand_back([r.entry_id for r in remaining])
+        self.counts["handed_back"] += len(remaining)
+        log.info("jobs_handed_back", count=len(remaining))
 
     async def _ensure_group(self) -> None:
         try:
@@ -130,16 +136,18 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    # -- intake ------------------------------------------------------------------------------------------
+    # -- taking jobs -------------------------------------------------------------------------------------
+
+    async def _room(self) -> int:
+        while (room := self.max_taken - len(self.requests)) <= 0:
+            self._capacity.clear()
+            await self._capacity.wait()
+        return room
 
     async def _intake(self) -> None:
         keys = self.keys
         while True:
-            room = self.max_taken - len(self.requests)
-            if room <= 0:
-                self._capacity.clear()
-                await self._capacity.wait()
-                continue
+            room = await self._room()
             try:
                 reply = await self.redis.xreadgroup(
                     keys.worker_group, self.worker_id, {keys.jobs: ">"}, count=room, block=1000
@@ -148,46 +156,94 @@ class Worker:
                 log.warning("intake_error", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if reply:
-                await self._screen([(entry_id, fields) for _stream, entries in reply for entry_id, fields in entries])
+            taken = []
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    req = await self._parse(entry_id, fields)
+                    if req is not None:
+                        taken.append(req)
+            if taken:
+                await self._screen(taken)
 
-    async def _screen(self, entries: list[tuple[bytes, dict]]) -> None:
-        """Take new jobs: refuse the unservable, drop the cancelled and expired, queue the rest."""
-        outbox = Outbox()
-        taken: list[Running] = []
-        for entry_id, fields in entries:
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 2)
             try:
-                job = bus.Job.FromString(fields[JOB_FIELD])
-            except Exception:
-                log.error("bad_job_entry", entry_id=entry_id)
-                outbox.done_entries.append(entry_id)
+                claimed = await self.leases.reclaim(await self._room())
+                resumed = [req for c in claimed if (req := await self._resume(c)) is not None]
+            except (RedisError, OSError) as exc:
+                log.warning("reclaim_error", error=str(exc))
                 continue
-            req = Running(job, entry_id)
+            if resumed:
+                await self._screen(resumed)
+
+    async def _parse(self, entry_id: bytes, fields: dict, attempt: int = 1) -> Running | None:
+        try:
+            job_bytes = fields[JOB_FIELD]
+            return Running(bus.Job.FromString(job_bytes), entry_id, job_bytes, attempt=attempt)
+        except Exception:
+            log.error("bad_job_entry", entry_id=entry_id)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.keys.jobs, self.keys.worker_group, entry_id)
+                pipe.xdel(self.keys.jobs, entry_id)
+                await pipe.execute()
+            return None
+
+    async def _resume(self, claimed: Claimed) -> Running | None:
+        """A job taken over from a dead worker: dead-letter it if it has failed too often, else continue it
+        from its event log (the tokens the client already has are prefilled, not generated again)."""
+        req = await self._parse(claimed.entry_id, {JOB_FIELD: claimed.job_bytes}, attempt=claimed.deliveries)
+        if req is None:
+            return None
+        rid = req.request_id
+        self.counts["reclaimed"] += 1
+        if claimed.deliveries > self.leases.max_deliveries:
+            reason = "too many deliveries"
+            await self.leases.dead_letter(claimed.job_bytes, claimed.entry_id, claimed.deliveries, reason)
+            outbox = Outbox()
+            req.seq = max(await self.emitter.claim(rid, req.attempt), 0)
+            self._fail(req, outbox, grpc.StatusCode.ABORTED, f"the job failed on {claimed.deliveries - 1} workers")
+            await self._emit(outbox)
+            self.counts["dead_lettered"] += 1
+            return None
+        last_seq = await self.emitter.claim(rid, req.attempt)
+        if last_seq < 0:
+            return None  # a newer attempt runs it
+        req.seq = last_seq
+        for _entry_id, fields in await self.redis.xrange(self.keys.event_log(rid), "-", f"{last_seq}-0"):
+            event = api.GenerateEvent.FromString(fields[EVENT_FIELD])
+            if event.HasField("tokens"):
+                req.generated.extend(event.tokens.token_ids)
+                req.sent_text += event.tokens.text
+            elif event.HasField("finished") or event.HasField("error"):
+                await self.redis.xack(self.keys.jobs, self.keys.worker_group, claimed.entry_id)
+                return None  # it had finished; only the acknowledgement was missing
+        log.info("job_resumed", request_id=rid, attempt=req.attempt, seq=last_seq, tokens=len(req.generated))
+        return req
+
+    async def _screen(self, taken: list[Running]) -> None:
+        """Refuse the unservable, drop the cancelled and expired, queue the rest for the engine."""
+        outbox = Outbox()
+        for req in taken:
             self.counts["taken"] += 1
-            self.requests[job.request_id] = req  # from here on, a cancel notice finds it
-            taken.append(req)
-        cancelled = await self.redis.mget([self.keys.cancelled(r.job.request_id) for r in taken]) if taken else []
+            self.requests[req.request_id] = req  # from here on, a cancel notice finds it
+        flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in taken])
         now_ms = time.time() * 1000
-        for req, cancel_flag in zip(taken, cancelled, strict=True):
+        for req, cancel_flag in zip(taken, flags, strict=True):
             job = req.job
             if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
                 self._finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
             elif cancel_flag is not None:
                 self._finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
             elif job.tokenizer_fingerprint and job.tokenizer_fingerprint != self.fingerprint:
-                self._fail(
-                    req,
-                    outbox,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "the worker serves a different tokenizer",
-                )
+                self._fail(req, outbox, grpc.StatusCode.FAILED_PRECONDITION, "the worker serves a different tokenizer")
             else:
                 self._to_add.append(req)
         if outbox:
-            await self._publish(outbox)
+            await self._emit(outbox)
         self._wake.set()
 
-    # -- cancels -----------------------------------------------------------------------------------------
+    # -- cancels and liveness ----------------------------------------------------------------------------
 
     async def _cancels(self) -> None:
         while True:
@@ -207,6 +263,24 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
+    async def _heartbeat(self, every_s: float) -> None:
+        while True:
+            try:
+                lost = await self.leases.renew([r.entry_id for r in self.requests.values()])
+                for req in list(self.requests.values()):
+                    if req.entry_id in lost:
+                        log.warning("lease_lost", request_id=req.request_id)
+                        self.counts["lease_lost"] += 1
+                        self._to_abort[req.request_id] = DROP
+                        self._wake.set()
+                stats = self.engine.stats()
+                info = {"worker_id": self.worker_id, "running": stats.num_running, "waiting": stats.num_waiting}
+                info |= {"free_blocks": stats.num_free_blocks, "blocks": stats.num_blocks, "time": time.time()}
+                await self.redis.set(self.keys.worker(self.worker_id), json.dumps(info), ex=max(1, int(3 * every_s)))
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat_error", error=str(exc))
+            await asyncio.sleep(every_s)
+
     # -- the engine --------------------------------------------------------------------------------------
 
     async def _engine_loop(self) -> None:
@@ -218,38 +292,59 @@ class Worker:
             if self.engine.has_unfinished():
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
-                except Exception as exc:
+                except Exception:
                     log.exception("engine_step_failed")
-                    self._fail_all(outbox, f"engine error: {exc!r}")
-                    outputs = []
+                    outputs = await self._isolate_failure(outbox)
                 for out in outputs:
                     self._collect(out, outbox)
             if outbox:
-                self._publishing = asyncio.create_task(self._publish(outbox, after=self._publishing))
+                previous = self._publishing
+                self._publishing = asyncio.create_task(self._publish(outbox, after=previous))
+                if previous is not None and not previous.done():
+                    # At most one step's events in flight while the next computes: if Redis stalls, so does
+                    # the engine, and nothing piles up.
+                    await asyncio.wait({previous})
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.5)
 
+    async def _isolate_failure(self, outbox: Outbox) -> list[RequestOutput]:
+        """A step raised. Take every request out of the engine, then put them back one at a time, running a
+        step after each: the one whose step raises is the culprit (it ends with an error and goes to the
+        dead letters); the others continue from their own tokens, and their clients notice nothing."""
+        suspects = [self.requests[rid] for rid in list(self.engine.sequences) if rid in self.requests]
+        for req in suspects:
+            self.engine.abort_request(req.request_id)
+        outputs: list[RequestOutput] = []
+        for req in suspects:
+            try:
+                self._add_to_engine(req)
+                outputs.extend(await asyncio.to_thread(self.engine.step))
+            except Exception as exc:
+                self.engine.abort_request(req.request_id)
+                log.error("poison_request", request_id=req.request_id, error=repr(exc))
+                self.counts["poisoned"] += 1
+                self._fail(req, outbox, grpc.StatusCode.INTERNAL, f"the engine failed on this request: {exc}")
+                with contextlib.suppress(RedisError, OSError):
+                    await self.leases.dead_letter(req.job_bytes, req.entry_id, req.attempt, repr(exc))
+        return outputs
+
+    def _add_to_engine(self, req: Running) -> None:
+        p = req.job.params
+        params = SamplingParams(
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, max_new_tokens=p.max_new_tokens,
+            stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+        )  # fmt: skip
+        self.engine.add_request(req.request_id, list(req.job.prompt_token_ids), params, req.generated, req.sent_text)
+
     def _apply_adds(self, outbox: Outbox) -> None:
         adds, self._to_add = self._to_add, []
         for req in adds:
-            if req.job.request_id not in self.requests:
+            if req.request_id not in self.requests:
                 continue  # cancelled while queued
-            job = req.job
-            p = job.params
-            params = SamplingParams(
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                seed=p.seed,
-                max_new_tokens=p.max_new_tokens,
-                stop=tuple(p.stop),
-                ignore_eos=p.ignore_eos,
-                logprobs=p.logprobs,
-            )
             try:
-                self.engine.add_request(job.request_id, list(job.prompt_token_ids), params)
+                self._add_to_engine(req)
             except ValueError as exc:
                 self._fail(req, outbox, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -260,8 +355,8 @@ class Worker:
             if req is None:
                 continue
             out = self.engine.abort_request(rid)
-            if reason == api.STOP_REASON_ERROR:
-                self._fail(req, outbox, grpc.StatusCode.UNAVAILABLE, "the worker shut down before finishing")
+            if reason == DROP:
+                self._forget(req)
             elif out is None:  # not in the engine yet
                 self._finish_unstarted(req, outbox, reason)
             else:
@@ -280,7 +375,9 @@ class Worker:
         if req is None:
             return
         if out.new_token_ids or out.text:
-            outbox.add(req, events.token_chunk(req.job.request_id, req.next_seq(), out))
+            req.generated.extend(out.new_token_ids)
+            req.sent_text += out.text
+            outbox.add(req, events.token_chunk(req.request_id, req.next_seq(), out))
         if out.finished:
             self._finish(req, outbox, events.STOP_REASONS[out.finish_reason], out)
 
@@ -295,50 +392,36 @@ class Worker:
         self._forget(req)
 
     def _fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:
-        log.warning("request_failed", request_id=req.job.request_id, code=code.name, message=message)
+        log.warning("request_failed", request_id=req.request_id, code=code.name, message=message)
         self.counts[f"failed_{code.name}"] += 1
-        outbox.add(req, events.error(req.job.request_id, req.next_seq(), code, message), final=True)
+        outbox.add(req, events.error(req.request_id, req.next_seq(), code, message), final=True)
         self._forget(req)
 
-    def _fail_all(self, outbox: Outbox, message: str) -> None:
-        for rid, req in list(self.requests.items()):
-            self.engine.abort_request(rid)
-            self._fail(req, outbox, grpc.StatusCode.INTERNAL, message)
-
     def _forget(self, req: Running) -> None:
-        self.requests.pop(req.job.request_id, None)
+        self.requests.pop(req.request_id, None)
         self._capacity.set()
 
     # -- publishing --------------------------------------------------------------------------------------
 
     async def _publish(self, outbox: Outbox, after: asyncio.Task | None = None) -> None:
-        """One pipeline: one PUBLISH per gateway, then XACK + XDEL of the jobs whose final event it carries
-        (a job is acknowledged only once its final event is out)."""
         if after is not None:
             await asyncio.gather(after, return_exceptions=True)
-        keys = self.keys
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for channel, evs in outbox.batches.items():
-                    pipe.publish(channel, bus.EventBatch(worker_id=self.worker_id, events=evs).SerializeToString())
-                if outbox.done_entries:
-                    pipe.xack(keys.jobs, keys.worker_group, *outbox.done_entries)
-                    pipe.xdel(keys.jobs, *outbox.done_entries)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.error("publish_failed", error=str(exc), gateways=len(outbox.batches))
+        await self._emit(outbox)
 
-    async def _heartbeat(self, every_s: float) -> None:
+    async def _emit(self, outbox: Outbox) -> None:
+        """Emit, retrying while Redis is unreachable (the engine waits meanwhile: nothing is dropped)."""
+        delay = 0.05
         while True:
-            stats = self.engine.stats()
-            info = {
-                "worker_id": self.worker_id,
-                "running": stats.num_running,
-                "waiting": stats.num_waiting,
-                "free_blocks": stats.num_free_blocks,
-                "blocks": stats.num_blocks,
-                "time": time.time(),
-            }
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.set(self.keys.worker(self.worker_id), json.dumps(info), ex=max(1, int(3 * every_s)))
-            await asyncio.sleep(every_s)
+            try:
+                fenced = await self.emitter.emit(outbox.emissions)
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("emit_failed", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for emission in fenced:
+            # Another worker took this job over while we were not renewing the lease: stop, silently.
+            self.counts["fenced_writes"] += 1
+            if emission.request_id in self.requests:
+                self._to_abort[emission.request_id] = DROP
+                self._wake.set()

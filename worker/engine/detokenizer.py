@@ -59,6 +59,15 @@ class IncrementalDetokenizer:
         self.stopped = True
         return best[1]
 
+    def replay(self, token_ids: list[int], sent_text: str) -> None:
+        """Rebuild the state after `token_ids` were generated and `sent_text` handed out (by an engine that
+        is gone): what the client has not received yet (a held-back tail) is handed out next."""
+        for token_id in token_ids:
+            self.push(token_id)
+        if not self.text.startswith(sent_text):
+            raise ValueError("the text already sent does not match the generated tokens")
+        self.num_sent = len(sent_text)
+
     def _advance(self, force: bool) -> str:
         """Text of the tokens not yet read; empty while they end inside a character (unless forced)."""
         decode = self.tokenizer.decode

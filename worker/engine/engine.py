@@ -96,8 +96,20 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises ValueError if it can never run (too long, bad token ids, duplicate id)."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None = None,
+        sent_text: str = "",
+    ) -> None:
+        """Queue a request. Raises ValueError if it can never run (too long, bad token ids, duplicate id).
+
+        To continue a generation another engine started (its worker died), pass the tokens it had already
+        delivered and the text the client has received: they are prefilled with the prompt, count towards
+        max_new_tokens and sampling resumes at the next token index (same seed, same draws), and the text
+        continues where the client's stops."""
         if request_id in self.sequences:
             raise ValueError(f"request {request_id!r} is already in the engine")
         if not prompt_token_ids:
@@ -117,6 +129,11 @@ class LLMEngine:
             self.tokenizer, prompt_token_ids, params.stop, self.config.detokenizer_context_tokens
         )
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok)
+        if generated_token_ids:
+            if max(generated_token_ids) >= self.vocab_size or min(generated_token_ids) < 0:
+                raise ValueError(f"generated token ids must be in [0, {self.vocab_size})")
+            seq.token_ids.extend(generated_token_ids)
+            detok.replay(generated_token_ids, sent_text)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -154,6 +171,8 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         plan = plan_step(batch, self.config.block_size)
+        if self.config.fault_poison_token_id >= 0 and self.config.fault_poison_token_id in plan.input_ids:
+            raise RuntimeError("fault injection: poison token in the step's input")
         t1 = time.perf_counter()
         logits = self.runner.run(plan)
         t2 = time.perf_counter()

@@ -59,6 +59,11 @@ class CodeStreamStub(object):
                 request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelRequest.SerializeToString,
                 response_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/codestream.v1.CodeStream/Resume',
+                request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class CodeStreamServicer(object):
@@ -100,6 +105,15 @@ class CodeStreamServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Continue a generation's stream after a lost connection, through any gateway: the events after
+        `after_seq` (0: from the first), then live ones until the end. Events are kept for a while after the
+        end too (`--event-log-ttl-s`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CodeStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_CodeStreamServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelRequest.FromString,
                     response_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.ResumeRequest.FromString,
+                    response_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class CodeStream(object):
             '/codestream.v1.CodeStream/Cancel',
             protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelRequest.SerializeToString,
             protos_dot_codestream_dot_v1_dot_codestream__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/codestream.v1.CodeStream/Resume',
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.ResumeRequest.SerializeToString,
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

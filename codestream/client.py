@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -52,16 +53,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-id", default="")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline of the call, seconds")
     parser.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    security = parser.add_argument_group("authentication and TLS")
+    security.add_argument(
+        "--api-key",
+        default=None,
+        help="API key, sent as 'authorization: Bearer <key>' (env CODESTREAM_API_KEY, which keeps it out of ps)",
+    )
+    security.add_argument("--tls", action="store_true", help="use TLS, verifying the gateway with the system's CAs")
+    security.add_argument(
+        "--tls-ca-file", default="", help="PEM CA that signed the gateway's certificate (implies --tls)"
+    )
+    security.add_argument(
+        "--tls-cert-file", default="", help="PEM client certificate, for a gateway that requires mTLS"
+    )
+    security.add_argument("--tls-key-file", default="", help="PEM private key of --tls-cert-file")
+    security.add_argument("--tls-server-name", default="", help="name to verify in the gateway's certificate")
+
+
+def api_key(args: argparse.Namespace) -> str:
+    return args.api_key if args.api_key is not None else os.environ.get("CODESTREAM_API_KEY", "")
+
+
+def call_metadata(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """TLS credentials: the gateway verified against `ca_file` (or the system's CAs), and a client
+    certificate when both `cert_file` and `key_file` are given (mTLS)."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both --tls-cert-file and --tls-key-file")
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file), private_key=read(key_file), certificate_chain=read(cert_file)
+    )
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A secure channel when TLS is asked for (--tls, a CA or a client certificate), else a plaintext one."""
+    if not (args.tls or args.tls_ca_file or args.tls_cert_file or args.tls_key_file):
+        return grpc.insecure_channel(args.target)
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    credentials = channel_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    return grpc.secure_channel(args.target, credentials, options=options)
 
 
 def run(args: argparse.Namespace) -> int:
     request = build_request(args)
     start = time.perf_counter()
     first_token = None
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = open_channel(args)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = api_grpc.CodeStreamStub(channel)
         try:
-            for event in stub.GenerateStream(request, timeout=args.timeout):
+            for event in stub.GenerateStream(request, timeout=args.timeout, metadata=call_metadata(api_key(args))):
                 if args.json:
                     print(json.dumps(MessageToDict(event)), flush=True)
                     continue

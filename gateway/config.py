@@ -30,3 +30,13 @@ class GatewayConfig:
     cancel_key_ttl_s: int = setting(900, "lifetime of the key that cancels a job not yet picked up")
     shutdown_delay_s: float = setting(0.0, "on SIGTERM, how long to report NOT_SERVING before refusing new calls")
     shutdown_grace_s: float = setting(30.0, "on SIGTERM, how long in-flight streams may take to finish")
+    outage_bound_s: float = setting(10.0, "how long a stream waits for Redis to come back before UNAVAILABLE")
+    disconnect_grace_s: float = setting(
+        0.0, "after a client disconnects, how long its job keeps running for a Resume before it is cancelled"
+    )
+    api_keys_file: str = setting(
+        "", "file of 'tenant:key' lines (a mounted Secret), re-read when it changes; empty: no authentication"
+    )
+    tls_cert_file: str = setting("", "PEM certificate (chain) of the gRPC port; with --tls-key-file: TLS")
+    tls_key_file: str = setting("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = setting("", "PEM CA bundle; when set, clients must show a certificate it signed (mTLS)")

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from gateway import event_log
 from gateway.config import GatewayConfig
 from gateway.model_card import ModelCard
 from gateway.router import EventRouter, Inbox
@@ -28,6 +30,10 @@ from protos import api, bus
 from protos.keys import JOB_FIELD, Keys
 
 log = structlog.get_logger("gateway.generations")
+
+# A stream that has heard nothing for this long looks in the request's event log (then 2x, 4x... up to max).
+IDLE_CHECK_FIRST_S = 0.5
+IDLE_CHECK_MAX_S = 5.0
 
 
 class RequestRejected(Exception):
@@ -51,6 +57,8 @@ class Generations:
         self.config = config
         self.active: dict[str, Generation] = {}
         self._background: set[asyncio.Task] = set()
+        self.gateway_id = router.channel.rsplit(":", 1)[-1]
+        self.resumed: set[str] = set()  # request ids this gateway streams through Resume now
 
     async def open(self, resolved: ResolvedRequest, timeout_s: float) -> Generation:
         if len(self.active) >= self.config.max_active_streams:
@@ -82,7 +90,11 @@ class Generations:
         generation = Generation(self, resolved, request_id, inbox, deadline)
         self.active[request_id] = generation
         try:
-            await self.redis.xadd(self.keys.jobs, {JOB_FIELD: job.SerializeToString()})
+            async with self.redis.pipeline(transaction=False) as pipe:
+                # Which gateway streams it (Resume elsewhere takes it over), for as long as it may run.
+                pipe.set(self.keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + 60))
+                pipe.xadd(self.keys.jobs, {JOB_FIELD: job.SerializeToString()})
+                await pipe.execute()
         except BaseException:
             generation.close(cancel=False)
             raise
@@ -96,6 +108,44 @@ class Generations:
             pipe.publish(self.keys.cancel_channel, bus.CancelNotice(request_ids=[request_id]).SerializeToString())
             await pipe.execute()
         log.info("cancel_sent", request_id=request_id)
+
+    async def cancel_after_grace(self, request_id: str) -> None:
+        """The client went away mid-stream. After `disconnect_grace_s` (0: now), cancel the job, unless a
+        Resume has taken the stream over meanwhile (through this gateway or another)."""
+        grace = self.config.disconnect_grace_s
+        if grace > 0:
+            await asyncio.sleep(grace)
+            attached = await self.redis.get(self.keys.attached(request_id))
+            if attached is not None and attached.decode() != self.gateway_id:
+                return
+            if request_id in self.resumed:
+                return
+        await self.cancel(request_id)
+        await self.redis.delete(self.keys.request_claim(request_id))
+
+    async def resume(self, request_id: str, after_seq: int, timeout_s: float) -> AsyncIterator[api.GenerateEvent]:
+        """The events of a request after `after_seq`, from its log, then live until it ends (any gateway)."""
+        keys = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.attached(request_id), keys.event_log(request_id))
+            pipe.set(keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + 60), xx=True)
+            known, _ = await pipe.execute()
+        if not known:
+            raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown or expired")
+        self.resumed.add(request_id)
+        deadline = time.time() + timeout_s
+        finished = False
+        try:
+            async for event in event_log.follow(self.redis, keys, request_id, after_seq, deadline):
+                finished = event.HasField("finished") or event.HasField("error")
+                yield event
+            if not finished:
+                yield error_event(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                finished = True
+        finally:
+            self.resumed.discard(request_id)
+            if not finished:  # this client left too
+                self.spawn(self.cancel_after_grace(request_id))
 
     def spawn(self, coro) -> None:
         """Run a coroutine that must outlive the RPC that started it (e.g. a cancel on disconnect)."""
@@ -113,57 +163,119 @@ class Generation:
     deadline: float  # time.time() seconds
     finished: bool = False
     closed: bool = False
+    repaired_events: int = 0  # events recovered from the log after pub/sub lost them
 
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
-        """Queued, then the worker's events in seq order, ending with Finished or Error."""
+        """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
+        at-most-once: a gap in seq, or a lost subscription, is repaired from the request's event log."""
         rid = self.request_id
         yield api.GenerateEvent(request_id=rid, queued=api.Queued(prompt_tokens=len(self.resolved.prompt_token_ids)))
-        expected_seq = 1
-        full_text_pending = self.resolved.return_full_text
-        while True:
+        self._expected_seq = 1
+        self._full_text_pending = self.resolved.return_full_text
+        while not self.finished:
             event = await self._next()
             if event is None:
-                self.finished = True
-                self.owner.spawn(self.owner.cancel(rid))
-                if self.inbox.broken:
-                    yield error_event(rid, grpc.StatusCode.UNAVAILABLE, "lost events on the way from the worker")
+                if self.inbox.broken and time.time() < self.deadline:
+                    repaired = await self._repair_after_outage()
+                    if repaired is not None:
+                        for e in repaired:
+                            if (out := self._accept(e)) is not None:
+                                yield out
+                        continue
+                    error = error_event(rid, grpc.StatusCode.UNAVAILABLE, "lost the event stream (Redis unreachable)")
                 else:
-                    yield error_event(rid, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                return
-            if event.seq < expected_seq:
-                continue  # a duplicate
-            if event.seq > expected_seq:
+                    error = error_event(rid, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 self.finished = True
                 self.owner.spawn(self.owner.cancel(rid))
-                yield error_event(rid, grpc.StatusCode.DATA_LOSS, f"events {expected_seq}..{event.seq - 1} were lost")
+                yield error
                 return
-            expected_seq += 1
-            kind = event.WhichOneof("event")
-            if kind == "tokens":
-                if full_text_pending:
-                    event.tokens.text = self.resolved.prompt_text + event.tokens.text
-                    full_text_pending = False
-                if not self.resolved.return_token_ids:
-                    del event.tokens.token_ids[:]
-            elif kind in ("finished", "error"):
-                self.finished = True
-            yield event
-            if self.finished:
-                return
+            if event.seq > self._expected_seq:
+                # Missed pub/sub messages: the log has them.
+                missing = await event_log.read_range(
+                    self.owner.redis, self.owner.keys, rid, self._expected_seq, event.seq - 1
+                )
+                if [e.seq for e in missing] != list(range(self._expected_seq, event.seq)):
+                    self.finished = True
+                    self.owner.spawn(self.owner.cancel(rid))
+                    message = f"events {self._expected_seq}..{event.seq - 1} were lost"
+                    yield error_event(rid, grpc.StatusCode.DATA_LOSS, message)
+                    return
+                self.repaired_events += len(missing)
+                for e in missing:
+                    yield self._accept(e)
+            if (out := self._accept(event)) is not None:
+                yield out
+
+    def _accept(self, event: api.GenerateEvent) -> api.GenerateEvent | None:
+        """The next event in seq order, shaped for the client; None for a duplicate."""
+        if event.seq < self._expected_seq:
+            return None
+        self._expected_seq = event.seq + 1
+        kind = event.WhichOneof("event")
+        if kind == "tokens":
+            if self._full_text_pending:
+                event.tokens.text = self.resolved.prompt_text + event.tokens.text
+                self._full_text_pending = False
+            if not self.resolved.return_token_ids:
+                del event.tokens.token_ids[:]
+        elif kind in ("finished", "error"):
+            self.finished = True
+        return event
+
+    async def _repair_after_outage(self) -> list[api.GenerateEvent] | None:
+        """The subscription broke: wait (bounded) for the router to resubscribe, then read what was missed
+        from the log. None if Redis stays unreachable."""
+        owner = self.owner
+        bound = min(self.deadline, time.time() + owner.config.outage_bound_s) - time.time()
+        try:
+            async with asyncio.timeout(max(bound, 0)):
+                await owner.router.subscribed.wait()
+                self.inbox.broken = False  # events from here on arrive live again
+                return await event_log.read_range(owner.redis, owner.keys, self.request_id, self._expected_seq)
+        except (TimeoutError, RedisError, OSError):
+            return None
 
     async def _next(self) -> api.GenerateEvent | None:
-        """The next event; None once the deadline (plus grace) has passed or events were lost."""
+        """The next event; None once the deadline (plus grace) has passed or events may have been lost.
+        While nothing arrives, the log is checked now and then (backing off): the one message pub/sub lost
+        may be the last one, and then no later event would reveal the gap."""
         queue = self.inbox.queue
-        if not queue.empty():
-            return queue.get_nowait()  # the common case under load: no timer to set up
-        if self.inbox.broken:
-            return None
-        timeout = self.deadline + self.owner.config.deadline_grace_s - time.time()
+        idle_check = IDLE_CHECK_FIRST_S
+        while True:
+            if not queue.empty():
+                event = queue.get_nowait()  # the common case under load: no timer to set up
+            elif self.inbox.broken:
+                return None
+            else:
+                remaining = self.deadline + self.owner.config.deadline_grace_s - time.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    async with asyncio.timeout(min(remaining, idle_check)):
+                        event = await queue.get()
+                except TimeoutError:
+                    logged = await self._logged_since_expected()
+                    if logged:
+                        return logged
+                    idle_check = min(idle_check * 2, IDLE_CHECK_MAX_S)
+                    continue
+            if event is not None:
+                return event
+            if self.inbox.broken:
+                return None  # the router's wake-up: the subscription broke
+            # else a wake-up from an outage already repaired: keep reading
+
+    async def _logged_since_expected(self) -> api.GenerateEvent | None:
+        """The first logged event this stream has not seen (the rest follow through the gap repair)."""
         try:
-            async with asyncio.timeout(max(timeout, 0)):
-                return await queue.get()
-        except TimeoutError:
+            logged = await event_log.read_range(
+                self.owner.redis, self.owner.keys, self.request_id, self._expected_seq, self._expected_seq + 1
+            )
+        except (RedisError, OSError):
             return None
+        if logged:
+            self.repaired_events += 1
+        return logged[0] if logged else None
 
     def close(self, cancel: bool = True) -> None:
         """Forget the request; if it has not finished (client left, gateway error), cancel its job."""
@@ -174,6 +286,6 @@ class Generation:
         owner.router.unregister(self.request_id)
         owner.active.pop(self.request_id, None)
         if cancel and not self.finished:
-            owner.spawn(owner.cancel(self.request_id))
-        if self.resolved.request_id:
+            owner.spawn(owner.cancel_after_grace(self.request_id))
+        elif self.resolved.request_id:
             owner.spawn(owner.redis.delete(owner.keys.request_claim(self.request_id)))

@@ -17,7 +17,9 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, RedisError
 
+from gateway.auth import ApiKeyInterceptor, ApiKeys, load_api_keys, server_credentials
 from gateway.config import GatewayConfig
 from gateway.generations import Generations
 from gateway.model_card import ModelCard
@@ -41,6 +43,7 @@ class Gateway:
     generations: Generations
     port: int
     gateway_id: str
+    api_keys: ApiKeys | None = None  # None: authentication off
 
     async def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
         """NOT_SERVING; after `delay_s` (time for load balancers to notice) refuse new calls; give in-flight
@@ -59,20 +62,29 @@ class Gateway:
 async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | None = None) -> Gateway:
     """Start a gateway on config.host:config.port (port 0: a free one, see Gateway.port)."""
     card = ModelCard.load(model_dir, model_id=model_id or config.model, max_model_len=config.max_model_len)
+    # Keys and certificates first: a misconfigured gateway should fail before it touches Redis.
+    api_keys = load_api_keys(config)
+    credentials = server_credentials(config)
     keys = Keys(config.namespace)
     gateway_id = uuid.uuid4().hex[:12]
     redis = Redis.from_url(config.redis_url)
+    try:
+        await _check_redis_credentials(redis, config)
+    except BaseException:
+        await redis.aclose()
+        raise
     router = EventRouter(redis, keys.gateway_channel(gateway_id))
     await router.start()
     generations = Generations(redis, keys, router, card, config)
 
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_keys)] if api_keys is not None else [],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 * 2**20),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
-        ]
+        ],
     )
     api_grpc.add_CodeStreamServicer_to_server(CodeStreamServicer(generations, card, config), server)
     health_servicer = health.aio.HealthServicer()
@@ -81,14 +93,23 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway_serving", port=port, gateway_id=gateway_id, model=card.model_id, redis=_safe_url(config))
-    return Gateway(config, server, health_servicer, redis, router, generations, port, gateway_id)
+    log.info(
+        "gateway_serving",
+        port=port,
+        gateway_id=gateway_id,
+        model=card.model_id,
+        redis=_safe_url(config),
+        tls="mtls" if config.tls_client_ca_file else "tls" if credentials else "off",
+        auth="api-keys" if api_keys is not None else "off",
+    )
+    return Gateway(config, server, health_servicer, redis, router, generations, port, gateway_id, api_keys)
 
 
 async def run_gateway(config: GatewayConfig, model_dir: str) -> None:
@@ -101,6 +122,21 @@ async def run_gateway(config: GatewayConfig, model_dir: str) -> None:
     await stop.wait()
     log.info("gateway_draining", active=len(gateway.generations.active), grace_s=config.shutdown_grace_s)
     await gateway.stop()
+
+
+async def _check_redis_credentials(redis: Redis, config: GatewayConfig) -> None:
+    """Fail at start-up, with a message that says so, when Redis refuses our credentials; otherwise the
+    event router would retry its subscription forever. An unreachable Redis is not an error here: the
+    router keeps retrying until it comes."""
+    try:
+        await asyncio.wait_for(redis.ping(), timeout=5)
+    except AuthenticationError as exc:
+        raise RuntimeError(
+            f"Redis at {_safe_url(config)} refused this gateway's credentials ({exc}); "
+            "put user:password@ in --redis-url (CODESTREAM_REDIS_URL)"
+        ) from None
+    except (RedisError, OSError, TimeoutError):
+        pass
 
 
 def _safe_url(config: GatewayConfig) -> str:

@@ -90,6 +90,20 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         await self.generations.cancel(request.request_id)
         return api.CancelResponse()
 
+    async def Resume(
+        self, request: api.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api.GenerateEvent]:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        remaining = context.time_remaining()
+        timeout = min(remaining, self.config.request_timeout_s) if remaining else self.config.request_timeout_s
+        try:
+            async for event in self.generations.resume(request.request_id, request.after_seq, timeout):
+                yield event
+                await _end_with_status(event, context)
+        except RequestRejected as exc:
+            await context.abort(exc.code, str(exc))
+
     async def _open(self, request: api.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
         try:
             resolved = resolve(request, self.card, self.config)

@@ -50,6 +50,35 @@ class Stack:
     namespace: str
 
 
+@dataclass
+class RunningWorker:
+    worker: Worker
+    task: asyncio.Task
+    stop: asyncio.Event
+
+    def crash(self) -> None:
+        """Play a worker that died: its tasks stop where they are, with no drain and no goodbye."""
+        for task in self.worker.tasks:
+            task.cancel()
+        self.task.cancel()
+
+
+def start_worker(redis_url: str, model_dir: Path, namespace: str, grace_s: float = 5, **settings) -> RunningWorker:
+    config = replace(WorkerConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), **settings)
+    worker = make_worker(config, str(model_dir))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, heartbeat_s=config.heartbeat_s, shutdown_grace_s=grace_s))
+    return RunningWorker(worker, task, stop)
+
+
+async def start_test_gateway(redis_url: str, model_dir: Path, namespace: str, **settings) -> Gateway:
+    config = replace(
+        GatewayConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), host="127.0.0.1", port=0,
+        **settings,
+    )  # fmt: skip
+    return await start_gateway(config, str(model_dir))
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
     redis_url: str,

@@ -46,6 +46,9 @@ def make_worker(config: WorkerConfig, model_dir: str, engine: LLMEngine | None =
         Keys(config.namespace),
         worker_id,
         tokenizer_fingerprint(model_dir),
+        lease_s=config.lease_s,
+        max_deliveries=config.max_deliveries,
+        event_log_ttl_s=config.event_log_ttl_s,
     )
 
 

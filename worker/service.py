@@ -70,6 +70,7 @@ class Worker:
         self.max_taken = 2 * engine.config.max_num_seqs
         # Lifetime counts by outcome (jobs taken, finished by stop reason, fenced, reclaimed...).
         self.counts: Counter[str] = Counter()
+        self.tasks: list[asyncio.Task] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -86,6 +87,7 @@ class Worker:
             asyncio.create_task(self._heartbeat(heartbeat_s), name="heartbeat"),
         ]
         engine_task = asyncio.create_task(self._engine_loop(), name="engine")
+        self.tasks = [engine_task, *feeders, *helpers]  # (tests cancel them all to play a crashed worker)
         log.info("worker_ready", worker_id=self.worker_id, num_blocks=self.engine.block_manager.num_blocks)
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, engine_task, *feeders, *helpers}, return_when=asyncio.FIRST_COMPLETED)

@@ -60,7 +60,13 @@ class Generations:
         self.gateway_id = router.channel.rsplit(":", 1)[-1]
         self.resumed: set[str] = set()  # request ids this gateway streams through Resume now
 
-    async def open(self, resolved: ResolvedRequest, timeout_s: float) -> Generation:
+    @staticmethod
+    def scoped(tenant: str, request_id: str) -> str:
+        """The id a request has in Redis and on workers: the client's id inside its tenant's space, so that
+        tenants can neither collide with, nor see, nor cancel each other's requests."""
+        return f"{tenant}:{request_id}" if tenant else request_id
+
+    async def open(self, resolved: ResolvedRequest, timeout_s: float, tenant: str = "") -> Generation:
         if len(self.active) >= self.config.max_active_streams:
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -69,14 +75,15 @@ class Generations:
             )
         accepted = time.time()
         deadline = accepted + timeout_s
-        request_id = resolved.request_id or uuid.uuid4().hex
+        client_id = resolved.request_id or uuid.uuid4().hex
+        request_id = self.scoped(tenant, client_id)
         if resolved.request_id:
             # A client-chosen id must not be in flight anywhere (any gateway).
             claimed = await self.redis.set(
                 self.keys.request_claim(request_id), b"1", nx=True, ex=max(1, int(timeout_s) + 60)
             )
             if not claimed or request_id in self.active:
-                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in flight")
+                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
         job = bus.Job(
             request_id=request_id,
             reply_channel=self.router.channel,
@@ -87,7 +94,7 @@ class Generations:
             tokenizer_fingerprint=self.card.tokenizer_fingerprint,
         )
         inbox = self.router.register(request_id, max_events=resolved.params.max_new_tokens + 8)
-        generation = Generation(self, resolved, request_id, inbox, deadline)
+        generation = Generation(self, resolved, request_id, client_id, inbox, deadline)
         self.active[request_id] = generation
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -123,24 +130,28 @@ class Generations:
         await self.cancel(request_id)
         await self.redis.delete(self.keys.request_claim(request_id))
 
-    async def resume(self, request_id: str, after_seq: int, timeout_s: float) -> AsyncIterator[api.GenerateEvent]:
+    async def resume(
+        self, client_id: str, after_seq: int, timeout_s: float, tenant: str = ""
+    ) -> AsyncIterator[api.GenerateEvent]:
         """The events of a request after `after_seq`, from its log, then live until it ends (any gateway)."""
         keys = self.keys
+        request_id = self.scoped(tenant, client_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys.attached(request_id), keys.event_log(request_id))
             pipe.set(keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + 60), xx=True)
             known, _ = await pipe.execute()
         if not known:
-            raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown or expired")
+            raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"request {client_id!r} is unknown or expired")
         self.resumed.add(request_id)
         deadline = time.time() + timeout_s
         finished = False
         try:
             async for event in event_log.follow(self.redis, keys, request_id, after_seq, deadline):
                 finished = event.HasField("finished") or event.HasField("error")
+                event.request_id = client_id
                 yield event
             if not finished:
-                yield error_event(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                yield error_event(client_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 finished = True
         finally:
             self.resumed.discard(request_id)
@@ -158,7 +169,8 @@ class Generations:
 class Generation:
     owner: Generations
     resolved: ResolvedRequest
-    request_id: str
+    request_id: str  # in Redis and on workers (tenant-scoped)
+    client_id: str  # as the client knows it
     inbox: Inbox
     deadline: float  # time.time() seconds
     finished: bool = False
@@ -168,7 +180,7 @@ class Generation:
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
         at-most-once: a gap in seq, or a lost subscription, is repaired from the request's event log."""
-        rid = self.request_id
+        rid = self.client_id
         yield api.GenerateEvent(request_id=rid, queued=api.Queued(prompt_tokens=len(self.resolved.prompt_token_ids)))
         self._expected_seq = 1
         self._full_text_pending = self.resolved.return_full_text
@@ -186,17 +198,17 @@ class Generation:
                 else:
                     error = error_event(rid, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 self.finished = True
-                self.owner.spawn(self.owner.cancel(rid))
+                self.owner.spawn(self.owner.cancel(self.request_id))
                 yield error
                 return
             if event.seq > self._expected_seq:
                 # Missed pub/sub messages: the log has them.
                 missing = await event_log.read_range(
-                    self.owner.redis, self.owner.keys, rid, self._expected_seq, event.seq - 1
+                    self.owner.redis, self.owner.keys, self.request_id, self._expected_seq, event.seq - 1
                 )
                 if [e.seq for e in missing] != list(range(self._expected_seq, event.seq)):
                     self.finished = True
-                    self.owner.spawn(self.owner.cancel(rid))
+                    self.owner.spawn(self.owner.cancel(self.request_id))
                     message = f"events {self._expected_seq}..{event.seq - 1} were lost"
                     yield error_event(rid, grpc.StatusCode.DATA_LOSS, message)
                     return
@@ -211,6 +223,7 @@ class Generation:
         if event.seq < self._expected_seq:
             return None
         self._expected_seq = event.seq + 1
+        event.request_id = self.client_id
         kind = event.WhichOneof("event")
         if kind == "tokens":
             if self._full_text_pending:

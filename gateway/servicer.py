@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.auth import current_tenant
 from gateway.config import GatewayConfig
 from gateway.generations import Generation, Generations, RequestRejected
 from gateway.model_card import ModelCard
@@ -87,7 +88,7 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
     async def Cancel(self, request: api.CancelRequest, context: grpc.aio.ServicerContext) -> api.CancelResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
-        await self.generations.cancel(request.request_id)
+        await self.generations.cancel(self.generations.scoped(current_tenant(), request.request_id))
         return api.CancelResponse()
 
     async def Resume(
@@ -98,7 +99,8 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         remaining = context.time_remaining()
         timeout = min(remaining, self.config.request_timeout_s) if remaining else self.config.request_timeout_s
         try:
-            async for event in self.generations.resume(request.request_id, request.after_seq, timeout):
+            resumed = self.generations.resume(request.request_id, request.after_seq, timeout, current_tenant())
+            async for event in resumed:
                 yield event
                 await _end_with_status(event, context)
         except RequestRejected as exc:
@@ -114,7 +116,7 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request started")
         timeout = min(remaining, self.config.request_timeout_s) if remaining else self.config.request_timeout_s
         try:
-            return await self.generations.open(resolved, timeout)
+            return await self.generations.open(resolved, timeout, current_tenant())
         except RequestRejected as exc:
             await context.abort(exc.code, str(exc))
 

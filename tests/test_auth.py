@@ -392,3 +392,46 @@ async def test_redis_acl_user_over_tls(demo_model_dir: Path, tls_files: dict[str
         url = f"rediss://codestream:p4ss@127.0.0.1:{port}/0?ssl_ca_certs={tls_files['ca']}"
         async with running_stack(url, demo_model_dir) as stack:
             assert (await stream_one(stack.stub)).generated_tokens == 6
+
+
+async def test_a_stream_never_crosses_tenants(redis_url: str, demo_model_dir: Path, keys_file: Path):
+    """Two tenants may use the same request id at once; neither can cancel nor resume the other's request."""
+    gateway = {"api_keys_file": str(keys_file)}
+    async with running_stack(redis_url, demo_model_dir, gateway=gateway) as stack:
+        long = api.GenerateRequest(
+            prompt="def alpha():", request_id="same-id",
+            stopping=api.StoppingCriteria(max_new_tokens=400, ignore_eos=True),
+        )  # fmt: skip
+        alpha = stack.stub.GenerateStream(long, metadata=bearer(KEY_A))
+        first = await alpha.read()
+        assert first.request_id == "same-id"
+        # beta uses the same id for its own request: no ALREADY_EXISTS, and it is beta's.
+        short = api.GenerateRequest(
+            prompt="def beta():", request_id="same-id", stopping=api.StoppingCriteria(max_new_tokens=3)
+        )
+        beta_events = [e async for e in stack.stub.GenerateStream(short, metadata=bearer(KEY_B))]
+        assert beta_events[-1].finished.generated_tokens == 3 and {e.request_id for e in beta_events} == {"same-id"}
+        # beta's Cancel and Resume of "same-id" reach only beta's own (finished) request, never alpha's.
+        await stack.stub.Cancel(api.CancelRequest(request_id="same-id"), metadata=bearer(KEY_B))
+        resumed = [e async for e in stack.stub.Resume(api.ResumeRequest(request_id="same-id"), metadata=bearer(KEY_B))]
+        assert resumed[-1].finished.generated_tokens == 3  # beta's own log
+        events = [first]
+        while (event := await alpha.read()) is not grpc.aio.EOF:
+            events.append(event)
+        assert events[-1].finished.stop_reason == api.STOP_REASON_LENGTH
+        assert events[-1].finished.generated_tokens == 400
+        # A server-assigned id of alpha's is unknown to beta, and alpha's to resume.
+        done = [e async for e in stack.stub.GenerateStream(short_of(short), metadata=bearer(KEY_A))]
+        assigned = done[0].request_id
+        err = await stream_error(stack.stub.Resume(api.ResumeRequest(request_id=assigned), metadata=bearer(KEY_B)))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        again = [e async for e in stack.stub.Resume(api.ResumeRequest(request_id=assigned), metadata=bearer(KEY_A))]
+        assert [e.seq for e in again] == [e.seq for e in done[1:]]
+
+
+def short_of(request: api.GenerateRequest) -> api.GenerateRequest:
+    """The same request without a client id: the server assigns one."""
+    copy = api.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    return copy

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,12 +23,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import event_log
+from gateway.admission import Admission, Limits
 from gateway.config import GatewayConfig
 from gateway.model_card import ModelCard
 from gateway.router import EventRouter, Inbox
 from gateway.validation import ResolvedRequest
 from protos import api, bus
-from protos.keys import JOB_FIELD, Keys
+from protos.keys import Keys
 
 log = structlog.get_logger("gateway.generations")
 
@@ -39,9 +41,10 @@ IDLE_CHECK_MAX_S = 5.0
 class RequestRejected(Exception):
     """The request cannot be accepted now (a gRPC status other than INVALID_ARGUMENT)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms
 
 
 def error_event(request_id: str, code: grpc.StatusCode, message: str) -> api.GenerateEvent:
@@ -59,6 +62,12 @@ class Generations:
         self._background: set[asyncio.Task] = set()
         self.gateway_id = router.channel.rsplit(":", 1)[-1]
         self.resumed: set[str] = set()  # request ids this gateway streams through Resume now
+        limits = Limits(
+            config.max_inflight_requests, config.max_inflight_tokens, config.tenant_max_concurrency,
+            config.tenant_tokens_per_s, config.tenant_token_burst,
+        )  # fmt: skip
+        self.admission = Admission(redis, keys, limits, self.gateway_id)
+        self.rejected: Counter[str] = Counter()
 
     @staticmethod
     def scoped(tenant: str, request_id: str) -> str:
@@ -77,13 +86,8 @@ class Generations:
         deadline = accepted + timeout_s
         client_id = resolved.request_id or uuid.uuid4().hex
         request_id = self.scoped(tenant, client_id)
-        if resolved.request_id:
-            # A client-chosen id must not be in flight anywhere (any gateway).
-            claimed = await self.redis.set(
-                self.keys.request_claim(request_id), b"1", nx=True, ex=max(1, int(timeout_s) + 60)
-            )
-            if not claimed or request_id in self.active:
-                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
+        if request_id in self.active:
+            raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
         job = bus.Job(
             request_id=request_id,
             reply_channel=self.router.channel,
@@ -94,17 +98,25 @@ class Generations:
             tokenizer_fingerprint=self.card.tokenizer_fingerprint,
         )
         inbox = self.router.register(request_id, max_events=resolved.params.max_new_tokens + 8)
-        generation = Generation(self, resolved, request_id, client_id, inbox, deadline)
+        generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline)
         self.active[request_id] = generation
+        tokens = len(resolved.prompt_token_ids) + resolved.params.max_new_tokens
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                # Which gateway streams it (Resume elsewhere takes it over), for as long as it may run.
-                pipe.set(self.keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + 60))
-                pipe.xadd(self.keys.jobs, {JOB_FIELD: job.SerializeToString()})
-                await pipe.execute()
+            verdict = await self.admission.enqueue(
+                request_id, tenant, job.SerializeToString(), tokens, deadline, claim=bool(resolved.request_id)
+            )
         except BaseException:
             generation.close(cancel=False)
             raise
+        if not verdict.admitted:
+            generation.admitted = False
+            generation.close(cancel=False)
+            if verdict.reason == "exists":
+                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
+            self.rejected[verdict.reason] += 1
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, verdict.message, retry_after_ms=verdict.retry_after_ms
+            )
         log.info("job_enqueued", request_id=request_id, prompt_tokens=len(resolved.prompt_token_ids))
         return generation
 
@@ -171,11 +183,13 @@ class Generation:
     resolved: ResolvedRequest
     request_id: str  # in Redis and on workers (tenant-scoped)
     client_id: str  # as the client knows it
+    tenant: str
     inbox: Inbox
     deadline: float  # time.time() seconds
     finished: bool = False
     closed: bool = False
     repaired_events: int = 0  # events recovered from the log after pub/sub lost them
+    admitted: bool = True
 
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
@@ -298,6 +312,8 @@ class Generation:
         owner = self.owner
         owner.router.unregister(self.request_id)
         owner.active.pop(self.request_id, None)
+        if self.admitted:
+            owner.spawn(owner.admission.release(self.request_id, self.tenant))
         if cancel and not self.finished:
             owner.spawn(owner.cancel_after_grace(self.request_id))
         elif self.resolved.request_id:

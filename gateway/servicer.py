@@ -118,6 +118,9 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         try:
             return await self.generations.open(resolved, timeout, current_tenant())
         except RequestRejected as exc:
+            if exc.retry_after_ms:
+                context.set_trailing_metadata((("retry-after-ms", str(exc.retry_after_ms)),))
+                await context.abort(exc.code, f"{exc}; retry after {exc.retry_after_ms / 1000:.1f} s")
             await context.abort(exc.code, str(exc))
 
 

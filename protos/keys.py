@@ -16,6 +16,10 @@ Redis. Both the gateway and the worker build names only through a ``Keys`` insta
 | ``<ns>:attempt:<request_id>``     | string + TTL  | worker     | worker   | fencing token: current attempt    |
 | ``<ns>:dead``                     | stream        | worker     | operators| jobs delivered too many times     |
 | ``<ns>:attached:<request_id>``    | string + TTL  | gateway    | gateway  | gateway streaming it (resume)     |
+| ``<ns>:inflight``                 | zset          | gateways   | gateways | admitted requests, score=deadline |
+| ``<ns>:inflight_tokens``          | hash          | gateways   | gateways | their token costs, and `_total`   |
+| ``<ns>:inflight:<tenant>``        | zset          | gateways   | gateways | a tenant's admitted requests      |
+| ``<ns>:bucket:<tenant>``          | hash + TTL    | gateways   | gateways | a tenant's token bucket           |
 """
 
 from __future__ import annotations
@@ -71,3 +75,17 @@ class Keys:
 
     def attached(self, request_id: str) -> str:
         return f"{self.namespace}:attached:{request_id}"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.namespace}:inflight"
+
+    @property
+    def inflight_tokens(self) -> str:
+        return f"{self.namespace}:inflight_tokens"
+
+    def tenant_inflight(self, tenant: str) -> str:
+        return f"{self.namespace}:inflight:{tenant or '_'}"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        return f"{self.namespace}:bucket:{tenant or '_'}"

@@ -62,8 +62,10 @@ for i = 0, n - 1 do
     redis.call('EXPIRE', state, ttl)
     redis.call('EXPIRE', log, ttl)
     if entry ~= '' then
-      redis.call('XACK', KEYS[1], group, entry)
-      redis.call('XDEL', KEYS[1], entry)
+      -- pcall: after a Redis restart without persistence the group and entry may be gone; the events
+      -- must still go out.
+      redis.pcall('XACK', KEYS[1], group, entry)
+      redis.pcall('XDEL', KEYS[1], entry)
     end
   end
 end

@@ -154,6 +154,13 @@ class Worker:
                 reply = await self.redis.xreadgroup(
                     keys.worker_group, self.worker_id, {keys.jobs: ">"}, count=room, block=1000
                 )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis lost the stream and its group (restarted without persistence): make them again.
+                log.warning("jobs_group_recreated", error=str(exc))
+                await self._ensure_group()
+                continue
             except (RedisError, OSError) as exc:
                 log.warning("intake_error", error=str(exc))
                 await asyncio.sleep(0.5)

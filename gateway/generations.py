@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -68,6 +68,19 @@ class Generations:
         )  # fmt: skip
         self.admission = Admission(redis, keys, limits, self.gateway_id)
         self.rejected: Counter[str] = Counter()
+        router.on_redis_restart.append(lambda: self.spawn(self.requeue_unstarted()))
+
+    async def requeue_unstarted(self) -> None:
+        """Redis restarted, perhaps without its data: the jobs no worker had started are gone with it.
+        Enqueue them again (their streams have seen nothing yet, so nothing is repeated)."""
+        for generation in list(self.active.values()):
+            if generation._expected_seq == 1 and not generation.finished:
+                tokens = len(generation.resolved.prompt_token_ids) + generation.resolved.params.max_new_tokens
+                await self.admission.enqueue(
+                    generation.request_id, generation.tenant, generation.job_bytes, tokens, generation.deadline,
+                    claim=False,
+                )  # fmt: skip
+                log.info("job_requeued", request_id=generation.request_id)
 
     @staticmethod
     def scoped(tenant: str, request_id: str) -> str:
@@ -99,11 +112,12 @@ class Generations:
         )
         inbox = self.router.register(request_id, max_events=resolved.params.max_new_tokens + 8)
         generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline)
+        generation.job_bytes = job.SerializeToString()
         self.active[request_id] = generation
         tokens = len(resolved.prompt_token_ids) + resolved.params.max_new_tokens
         try:
             verdict = await self.admission.enqueue(
-                request_id, tenant, job.SerializeToString(), tokens, deadline, claim=bool(resolved.request_id)
+                request_id, tenant, generation.job_bytes, tokens, deadline, claim=bool(resolved.request_id)
             )
         except BaseException:
             generation.close(cancel=False)
@@ -171,10 +185,18 @@ class Generations:
                 self.spawn(self.cancel_after_grace(request_id))
 
     def spawn(self, coro) -> None:
-        """Run a coroutine that must outlive the RPC that started it (e.g. a cancel on disconnect)."""
-        task = asyncio.create_task(coro)
+        """Run a coroutine that must outlive the RPC that started it (e.g. a cancel on disconnect); its
+        failure (Redis down) is logged: admissions expire at their deadlines, cancels at the worker's."""
+        task = asyncio.create_task(self._logged(coro))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _logged(coro) -> None:
+        try:
+            await coro
+        except (RedisError, OSError) as exc:
+            log.warning("background_redis_call_failed", call=getattr(coro, "__qualname__", "?"), error=str(exc))
 
 
 @dataclass
@@ -190,6 +212,10 @@ class Generation:
     closed: bool = False
     repaired_events: int = 0  # events recovered from the log after pub/sub lost them
     admitted: bool = True
+    lost: bool = False
+    job_bytes: bytes = b""
+    _expected_seq: int = 1
+    last_event_at: float = field(default_factory=time.monotonic)
 
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
@@ -201,7 +227,7 @@ class Generation:
         while not self.finished:
             event = await self._next()
             if event is None:
-                if self.inbox.broken and time.time() < self.deadline:
+                if self.inbox.broken and time.time() < self.deadline and not self.lost:
                     repaired = await self._repair_after_outage()
                     if repaired is not None:
                         for e in repaired:
@@ -209,6 +235,8 @@ class Generation:
                                 yield out
                         continue
                     error = error_event(rid, grpc.StatusCode.UNAVAILABLE, "lost the event stream (Redis unreachable)")
+                elif self.lost:
+                    error = error_event(rid, grpc.StatusCode.UNAVAILABLE, "the job was lost when Redis restarted")
                 else:
                     error = error_event(rid, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 self.finished = True
@@ -237,6 +265,7 @@ class Generation:
         if event.seq < self._expected_seq:
             return None
         self._expected_seq = event.seq + 1
+        self.last_event_at = time.monotonic()
         event.request_id = self.client_id
         kind = event.WhichOneof("event")
         if kind == "tokens":
@@ -284,6 +313,9 @@ class Generation:
                     logged = await self._logged_since_expected()
                     if logged:
                         return logged
+                    if self._lost_in_restart():
+                        self.inbox.broken = self.lost = True
+                        return None
                     idle_check = min(idle_check * 2, IDLE_CHECK_MAX_S)
                     continue
             if event is not None:
@@ -291,6 +323,16 @@ class Generation:
             if self.inbox.broken:
                 return None  # the router's wake-up: the subscription broke
             # else a wake-up from an outage already repaired: keep reading
+
+    def _lost_in_restart(self) -> bool:
+        """Redis restarted after this stream's last event and nothing has come since, for longer than the
+        outage bound: the worker lost the job with Redis' data (jobs not started are enqueued again)."""
+        restarted = self.owner.router.redis_restarted_at
+        return (
+            self._expected_seq > 1
+            and restarted > self.last_event_at
+            and time.monotonic() - restarted > self.owner.config.outage_bound_s
+        )
 
     async def _logged_since_expected(self) -> api.GenerateEvent | None:
         """The first logged event this stream has not seen (the rest follow through the gap repair)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -47,6 +48,10 @@ class EventRouter:
         self.subscribed = asyncio.Event()
         self.events_routed = 0
         self._task: asyncio.Task | None = None
+        # Redis' run id, to tell a restarted server (which may have lost queued jobs) from a dropped connection.
+        self.redis_run_id = ""
+        self.redis_restarted_at = 0.0  # time.monotonic() of the last restart seen
+        self.on_redis_restart: list = []  # callbacks, called after resubscribing to a restarted server
 
     async def start(self) -> None:
         """Subscribe, and return once the subscription is active (so no early event can be missed)."""
@@ -76,6 +81,13 @@ class EventRouter:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                run_id = (await self.redis.info("server")).get("run_id", "")
+                if self.redis_run_id and run_id != self.redis_run_id:
+                    self.redis_restarted_at = time.monotonic()
+                    log.warning("redis_restarted", channel=self.channel)
+                    for callback in self.on_redis_restart:
+                        callback()
+                self.redis_run_id = run_id
                 self.subscribed.set()
                 log.info("subscribed", channel=self.channel)
                 async for message in pubsub.listen():

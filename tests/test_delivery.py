@@ -257,3 +257,29 @@ async def test_drain_hands_unfinished_jobs_to_another_worker(redis_url: str, dem
         assert holder.worker.counts["handed_back"] == 1 and other.worker.counts["reclaimed"] == 1
     finally:
         await stop_all(gateway, leaving, staying)
+
+
+async def test_queued_jobs_are_enqueued_again_after_redis_restarts_empty(demo_model_dir: Path):
+    """A Redis restart without persistence loses the jobs stream: jobs no worker had started are enqueued
+    again by their gateway, and the worker recreates its consumer group."""
+    from codestream.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    url = server.start()
+    ns = namespace()
+    gateway = await start_test_gateway(url, demo_model_dir, ns, outage_bound_s=5)
+    worker = None
+    try:
+        async with channel_to(gateway) as stub:
+            call = asyncio.create_task(collect(stub, request(PROMPTS[0], 20), timeout=60))
+            await wait_until(lambda: gateway.generations.active)
+            server.stop()  # queued job gone with the data
+            server.requested_port = server.port
+            server.start()
+            await wait_until(lambda: gateway.router.redis_restarted_at > 0)
+            worker = start_worker(url, demo_model_dir, ns)
+            events = await asyncio.wait_for(call, 60)
+        assert check_complete(events, 20) == expected_tokens(demo_model_dir, PROMPTS[:1], 20)[0]
+    finally:
+        await stop_all(gateway, *([worker] if worker else []))
+        server.close()

@@ -156,7 +156,9 @@ class Worker:
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
+                    log.warning("intake_error", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
                 # Redis lost the stream and its group (restarted without persistence): make them again.
                 log.warning("jobs_group_recreated", error=str(exc))
                 await self._ensure_group()

@@ -24,6 +24,7 @@ import grpc
 import structlog
 
 from gateway.config import GatewayConfig
+from gateway.handlers import handler_behavior, rebuild_handler
 
 log = structlog.get_logger("gateway.auth")
 
@@ -210,34 +211,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return _with_tenant(handler, tenant)
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable, request_deserializer: Any) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` (unary/stream request and response) running `behavior`."""
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(behavior, request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable:
-    if handler.request_streaming:
-        return handler.stream_stream if handler.response_streaming else handler.stream_unary
-    return handler.unary_stream if handler.response_streaming else handler.unary_unary
-
-
 def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     # No request deserializer: an unauthenticated caller's bytes are never parsed.
-    return _rebuild(handler, reject, request_deserializer=None)
+    return rebuild_handler(handler, reject, request_deserializer=None)
 
 
 def _with_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
-    behavior = _behavior(handler)
+    behavior = handler_behavior(handler)
     # grpc.aio picks how to drive a handler by its function type (async generator, coroutine function or
     # plain function), so the wrapper must be of the same type as what it wraps.
     # The async forms need no reset: each RPC runs in its own asyncio task, with its own copy of the
@@ -267,7 +250,7 @@ def _with_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodH
                 _tenant.reset(token)
 
         wrapped = sync_call
-    return _rebuild(handler, wrapped, request_deserializer=handler.request_deserializer)
+    return rebuild_handler(handler, wrapped, request_deserializer=handler.request_deserializer)
 
 
 def load_api_keys(config: GatewayConfig) -> ApiKeys | None:

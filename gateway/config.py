@@ -17,6 +17,7 @@ class GatewayConfig:
     namespace: str = setting("codestream", "prefix of every Redis key and channel")
     host: str = setting("0.0.0.0", "gRPC listen address")
     port: int = setting(50051, "gRPC listen port")
+    metrics_port: int = setting(9090, "Prometheus metrics HTTP port; 0: off")
     max_model_len: int = setting(0, "context limit enforced on requests; 0: the model's")
     max_new_tokens_default: int = setting(256, "max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")

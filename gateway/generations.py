@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from gateway import event_log
 from gateway.admission import Admission, Limits
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from gateway.model_card import ModelCard
 from gateway.router import EventRouter, Inbox
 from gateway.validation import ResolvedRequest
@@ -52,7 +53,16 @@ def error_event(request_id: str, code: grpc.StatusCode, message: str) -> api.Gen
 
 
 class Generations:
-    def __init__(self, redis: Redis, keys: Keys, router: EventRouter, card: ModelCard, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        router: EventRouter,
+        card: ModelCard,
+        config: GatewayConfig,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics or GatewayMetrics()
         self.redis = redis
         self.keys = keys
         self.router = router
@@ -114,6 +124,7 @@ class Generations:
         generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline)
         generation.job_bytes = job.SerializeToString()
         self.active[request_id] = generation
+        self.metrics.active_streams.inc()
         tokens = len(resolved.prompt_token_ids) + resolved.params.max_new_tokens
         try:
             verdict = await self.admission.enqueue(
@@ -128,6 +139,7 @@ class Generations:
             if verdict.reason == "exists":
                 raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
             self.rejected[verdict.reason] += 1
+            self.metrics.rejected.labels(verdict.reason).inc()
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, verdict.message, retry_after_ms=verdict.retry_after_ms
             )
@@ -216,6 +228,8 @@ class Generation:
     job_bytes: bytes = b""
     _expected_seq: int = 1
     last_event_at: float = field(default_factory=time.monotonic)
+    accepted_at: float = field(default_factory=time.monotonic)
+    last_token_at: float = 0.0
 
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
@@ -255,6 +269,7 @@ class Generation:
                     yield error_event(rid, grpc.StatusCode.DATA_LOSS, message)
                     return
                 self.repaired_events += len(missing)
+                self.owner.metrics.repaired_events.inc(len(missing))
                 for e in missing:
                     yield self._accept(e)
             if (out := self._accept(event)) is not None:
@@ -268,7 +283,14 @@ class Generation:
         self.last_event_at = time.monotonic()
         event.request_id = self.client_id
         kind = event.WhichOneof("event")
+        metrics = self.owner.metrics
         if kind == "tokens":
+            now = self.last_event_at
+            if self.last_token_at:
+                metrics.inter_token_latency.observe(now - self.last_token_at)
+            else:
+                metrics.time_to_first_token.observe(now - self.accepted_at)
+            self.last_token_at = now
             if self._full_text_pending:
                 event.tokens.text = self.resolved.prompt_text + event.tokens.text
                 self._full_text_pending = False
@@ -276,6 +298,9 @@ class Generation:
                 del event.tokens.token_ids[:]
         elif kind in ("finished", "error"):
             self.finished = True
+            metrics.request_duration.observe(self.last_event_at - self.accepted_at)
+            if kind == "finished" and event.finished.timings.queue_ms:
+                metrics.queue_time.observe(event.finished.timings.queue_ms / 1000)
         return event
 
     async def _repair_after_outage(self) -> list[api.GenerateEvent] | None:
@@ -344,6 +369,7 @@ class Generation:
             return None
         if logged:
             self.repaired_events += 1
+            self.owner.metrics.repaired_events.inc()
         return logged[0] if logged else None
 
     def close(self, cancel: bool = True) -> None:
@@ -353,7 +379,8 @@ class Generation:
         self.closed = True
         owner = self.owner
         owner.router.unregister(self.request_id)
-        owner.active.pop(self.request_id, None)
+        if owner.active.pop(self.request_id, None) is not None:
+            owner.metrics.active_streams.dec()
         if self.admitted:
             owner.spawn(owner.admission.release(self.request_id, self.tenant))
         if cancel and not self.finished:

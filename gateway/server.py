@@ -22,6 +22,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from gateway.auth import ApiKeyInterceptor, ApiKeys, load_api_keys, server_credentials
 from gateway.config import GatewayConfig
 from gateway.generations import Generations
+from gateway.metrics import GatewayMetrics, MetricsInterceptor
 from gateway.model_card import ModelCard
 from gateway.router import EventRouter
 from gateway.servicer import CodeStreamServicer
@@ -75,10 +76,12 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
         raise
     router = EventRouter(redis, keys.gateway_channel(gateway_id))
     await router.start()
-    generations = Generations(redis, keys, router, card, config)
+    metrics = GatewayMetrics()
+    generations = Generations(redis, keys, router, card, config, metrics)
 
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_keys)] if api_keys is not None else [],
+        # Metrics outermost, so that refused calls are counted too.
+        interceptors=[MetricsInterceptor(metrics), *([ApiKeyInterceptor(api_keys)] if api_keys is not None else [])],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 * 2**20),
@@ -98,6 +101,7 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
+    metrics.serve(config.metrics_port)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(

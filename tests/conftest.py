@@ -64,6 +64,7 @@ class RunningWorker:
 
 
 def start_worker(redis_url: str, model_dir: Path, namespace: str, grace_s: float = 5, **settings) -> RunningWorker:
+    settings = {"metrics_port": 0, **settings}
     config = replace(WorkerConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), **settings)
     worker = make_worker(config, str(model_dir))
     stop = asyncio.Event()
@@ -72,6 +73,7 @@ def start_worker(redis_url: str, model_dir: Path, namespace: str, grace_s: float
 
 
 async def start_test_gateway(redis_url: str, model_dir: Path, namespace: str, **settings) -> Gateway:
+    settings = {"metrics_port": 0, **settings}
     config = replace(
         GatewayConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), host="127.0.0.1", port=0,
         **settings,
@@ -90,7 +92,9 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """A worker and a gateway on their own namespace of the shared Redis, and a client channel."""
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    wcfg = replace(WorkerConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), **(worker or {}))
+    worker = {"metrics_port": 0, **(worker or {})}
+    gateway = {"metrics_port": 0, **(gateway or {})}
+    wcfg = replace(WorkerConfig(), redis_url=redis_url, namespace=namespace, model=str(model_dir), **worker)
     gcfg = replace(
         GatewayConfig(),
         redis_url=redis_url,
@@ -98,7 +102,7 @@ async def running_stack(
         model=str(model_dir),
         host="127.0.0.1",
         port=0,
-        **(gateway or {}),
+        **gateway,
     )
     w = make_worker(wcfg, str(model_dir))
     stop = asyncio.Event()

@@ -16,6 +16,7 @@ class WorkerConfig:
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://, user:password@)")
     namespace: str = setting("codestream", "prefix of every Redis key and channel")
     worker_id: str = setting("", "consumer name in the jobs group; empty: hostname + random suffix")
+    metrics_port: int = setting(9091, "Prometheus metrics HTTP port; 0: off")
     device: str = setting("auto", "cuda, cpu or auto")
     dtype: str = setting("auto", "bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
     max_num_seqs: int = setting(256, "most sequences in one engine step")

@@ -63,6 +63,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         kv_tokens=stats.num_blocks * config.block_size,
         max_model_len=worker.engine.max_model_len,
     )
+    worker.metrics.serve(config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

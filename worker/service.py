@@ -31,6 +31,7 @@ from worker import events
 from worker.emitter import Emitter
 from worker.engine import LLMEngine, RequestOutput, SamplingParams
 from worker.leases import Claimed, Leases
+from worker.metrics import WorkerMetrics
 from worker.state import Outbox, Running
 
 log = structlog.get_logger("worker")
@@ -71,6 +72,7 @@ class Worker:
         # Lifetime counts by outcome (jobs taken, finished by stop reason, fenced, reclaimed...).
         self.counts: Counter[str] = Counter()
         self.tasks: list[asyncio.Task] = []
+        self.metrics = WorkerMetrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -301,8 +303,12 @@ class Worker:
             self._apply_adds(outbox)
             self._expire(outbox)
             if self.engine.has_unfinished():
+                started = time.perf_counter()
+                batch = len(self.engine.scheduler.running)
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
+                    self.metrics.step_seconds.observe(time.perf_counter() - started)
+                    self.metrics.batch_size.observe(batch)
                 except Exception:
                     log.exception("engine_step_failed")
                     outputs = await self._isolate_failure(outbox)
@@ -348,6 +354,7 @@ class Worker:
             stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
         )  # fmt: skip
         self.engine.add_request(req.request_id, list(req.job.prompt_token_ids), params, req.generated, req.sent_text)
+        self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)
 
     def _apply_adds(self, outbox: Outbox) -> None:
         adds, self._to_add = self._to_add, []
@@ -386,6 +393,7 @@ class Worker:
         if req is None:
             return
         if out.new_token_ids or out.text:
+            self.counts["generated_tokens"] += len(out.new_token_ids)
             req.generated.extend(out.new_token_ids)
             req.sent_text += out.text
             outbox.add(req, events.token_chunk(req.request_id, req.next_seq(), out))

@@ -1,0 +1,124 @@
+"""Gateway metrics (prometheus-client), served on their own HTTP port (`--metrics-port`).
+
+Per-RPC counts by final status come from an interceptor (cross-cutting, the servicer stays thin); the
+stream timings are observed where the events pass (generations.py): time to first token and inter-token
+latency as the gateway relays them, queue time from the worker's Finished event, end-to-end duration.
+Each gateway owns a registry, so that several can run in one process (tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gateway.handlers import handler_behavior, rebuild_handler
+
+# Latency buckets from 1 ms to 10 min: first tokens and whole generations share them.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "codestream_gateway_requests", "RPCs by method and final status", ["method", "code"], registry=r
+        )
+        self.active_streams = Gauge("codestream_gateway_active_streams", "generations in flight", registry=r)
+        self.time_to_first_token = Histogram(
+            "codestream_gateway_time_to_first_token_seconds", "acceptance to the first token relayed",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "codestream_gateway_inter_token_latency_seconds", "between consecutive token chunks relayed",
+            buckets=TOKEN_GAP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "codestream_gateway_request_duration_seconds", "acceptance to the last event relayed",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "codestream_gateway_queue_time_seconds", "acceptance to a worker starting the request",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "codestream_gateway_rejected", "requests refused by admission, by reason", ["reason"], registry=r
+        )
+        self.repaired_events = Counter(
+            "codestream_gateway_repaired_events", "events recovered from the event log (pub/sub lost them)",
+            registry=r,
+        )  # fmt: skip
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        if port > 0:
+            start_http_server(port, addr=host, registry=self.registry)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and the status it ended with."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behavior = handler_behavior(handler)
+        count = self.metrics.requests
+
+        def record(context: grpc.aio.ServicerContext, code: grpc.StatusCode | None) -> None:
+            final = code or context.code() or grpc.StatusCode.OK
+            count.labels(method, final.name if isinstance(final, grpc.StatusCode) else str(final)).inc()
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                code = None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    record(context, code)
+
+            wrapped: Callable = stream
+        elif inspect.iscoroutinefunction(behavior):
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                code = None
+                try:
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    record(context, code)
+
+            wrapped = call
+        else:
+            return handler  # (every handler here is async)
+        return rebuild_handler(handler, wrapped, request_deserializer=handler.request_deserializer)

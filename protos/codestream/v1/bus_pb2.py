@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from protos.codestream.v1 import codestream_pb2 as protos_dot_codestream_dot_v1_dot_codestream__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/codestream/v1/bus.proto\x12\rcodestream.v1\x1a%protos/codestream/v1/codestream.proto\"\xe1\x01\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rreply_channel\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.codestream.v1.ResolvedParams\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\x9d\x01\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x05\"M\n\nEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.codestream.v1.GenerateEvent\"#\n\x0c\x43\x61ncelNotice\x12\x13\n\x0brequest_ids\x18\x01 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/codestream/v1/bus.proto\x12\rcodestream.v1\x1a%protos/codestream/v1/codestream.proto\"\xe1\x01\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rreply_channel\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.codestream.v1.ResolvedParams\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\xf7\x03\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x05\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x11\n\ttypical_p\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12@\n\nlogit_bias\x18\x0e \x03(\x0b\x32,.codestream.v1.ResolvedParams.LogitBiasEntry\x12\x16\n\x0emin_new_tokens\x18\x0f \x01(\r\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\r\x12\x1d\n\x15include_stop_sequence\x18\x11 \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x12 \x01(\x08\x12\t\n\x01n\x18\x13 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"M\n\nEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.codestream.v1.GenerateEvent\"#\n\x0c\x43\x61ncelNotice\x12\x13\n\x0brequest_ids\x18\x01 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.codestream.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_JOB']._serialized_start=89
   _globals['_JOB']._serialized_end=314
   _globals['_RESOLVEDPARAMS']._serialized_start=317
-  _globals['_RESOLVEDPARAMS']._serialized_end=474
-  _globals['_EVENTBATCH']._serialized_start=476
-  _globals['_EVENTBATCH']._serialized_end=553
-  _globals['_CANCELNOTICE']._serialized_start=555
-  _globals['_CANCELNOTICE']._serialized_end=590
+  _globals['_RESOLVEDPARAMS']._serialized_end=820
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_start=772
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_end=820
+  _globals['_EVENTBATCH']._serialized_start=822
+  _globals['_EVENTBATCH']._serialized_end=899
+  _globals['_CANCELNOTICE']._serialized_start=901
+  _globals['_CANCELNOTICE']._serialized_end=936
 # @@protoc_insertion_point(module_scope)

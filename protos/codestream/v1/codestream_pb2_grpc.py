@@ -44,6 +44,16 @@ class CodeStreamStub(object):
                 request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Infill = channel.unary_stream(
+                '/codestream.v1.CodeStream/Infill',
+                request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.InfillRequest.SerializeToString,
+                response_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/codestream.v1.CodeStream/Chat',
+                request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.ChatRequest.SerializeToString,
+                response_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/codestream.v1.CodeStream/Tokenize',
                 request_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.TokenizeRequest.SerializeToString,
@@ -79,6 +89,21 @@ class CodeStreamServicer(object):
 
     def Generate(self, request, context):
         """The same path as GenerateStream, answered once the generation has finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Infill(self, request, context):
+        """Fill in the middle between a prefix and a suffix (Code Llama's infilling format); the text streamed is
+        the middle only, ending at the model's end-of-infill token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """Chat with an Instruct checkpoint, the messages rendered with the checkpoint's own chat template.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +151,16 @@ def add_CodeStreamServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Infill': grpc.unary_stream_rpc_method_handler(
+                    servicer.Infill,
+                    request_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.InfillRequest.FromString,
+                    response_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.ChatRequest.FromString,
+                    response_serializer=protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -202,6 +237,60 @@ class CodeStream(object):
             '/codestream.v1.CodeStream/Generate',
             protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateRequest.SerializeToString,
             protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Infill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/codestream.v1.CodeStream/Infill',
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.InfillRequest.SerializeToString,
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/codestream.v1.CodeStream/Chat',
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.ChatRequest.SerializeToString,
+            protos_dot_codestream_dot_v1_dot_codestream__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -98,7 +98,9 @@ class Generations:
         tenants can neither collide with, nor see, nor cancel each other's requests."""
         return f"{tenant}:{request_id}" if tenant else request_id
 
-    async def open(self, resolved: ResolvedRequest, timeout_s: float, tenant: str = "") -> Generation:
+    async def open(
+        self, resolved: ResolvedRequest, timeout_s: float, tenant: str = "", traceparent: str = ""
+    ) -> Generation:
         if len(self.active) >= self.config.max_active_streams:
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -119,6 +121,7 @@ class Generations:
             accepted_unix_ms=int(accepted * 1000),
             deadline_unix_ms=int(deadline * 1000),
             tokenizer_fingerprint=self.card.tokenizer_fingerprint,
+            traceparent=traceparent,
         )
         inbox = self.router.register(request_id, max_events=resolved.params.max_new_tokens + 8)
         generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline)
@@ -143,7 +146,11 @@ class Generations:
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, verdict.message, retry_after_ms=verdict.retry_after_ms
             )
-        log.info("job_enqueued", request_id=request_id, prompt_tokens=len(resolved.prompt_token_ids))
+        # The lifecycle in the log: accepted here, started/finished on the worker, ended here. Never the prompt.
+        log.info(
+            "request_accepted", request_id=request_id, tenant=tenant, prompt_tokens=len(resolved.prompt_token_ids),
+            max_new_tokens=resolved.params.max_new_tokens, traceparent=traceparent or None,
+        )  # fmt: skip
         return generation
 
     async def cancel(self, request_id: str) -> None:
@@ -378,6 +385,11 @@ class Generation:
             return
         self.closed = True
         owner = self.owner
+        log.info(
+            "request_ended", request_id=self.request_id, finished=self.finished,
+            client_left=cancel and not self.finished, events=self._expected_seq - 1,
+            repaired_events=self.repaired_events, seconds=round(time.monotonic() - self.accepted_at, 4),
+        )  # fmt: skip
         owner.router.unregister(self.request_id)
         if owner.active.pop(self.request_id, None) is not None:
             owner.metrics.active_streams.dec()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -116,12 +117,23 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request started")
         timeout = min(remaining, self.config.request_timeout_s) if remaining else self.config.request_timeout_s
         try:
-            return await self.generations.open(resolved, timeout, current_tenant())
+            return await self.generations.open(resolved, timeout, current_tenant(), _traceparent(context))
         except RequestRejected as exc:
             if exc.retry_after_ms:
                 context.set_trailing_metadata((("retry-after-ms", str(exc.retry_after_ms)),))
                 await context.abort(exc.code, f"{exc}; retry after {exc.retry_after_ms / 1000:.1f} s")
             await context.abort(exc.code, str(exc))
+
+
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str:
+    """The client's W3C trace context, carried to the worker with the job (malformed ones are dropped)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str) and TRACEPARENT.match(value):
+            return value
+    return ""
 
 
 async def _end_with_status(event: api.GenerateEvent, context: grpc.aio.ServicerContext) -> None:

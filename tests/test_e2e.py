@@ -272,3 +272,21 @@ async def test_gateway_drain_finishes_in_flight_streams_and_refuses_new_ones(red
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stack.stub.Generate(greedy_request("x", 2), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_traceparent_reaches_the_worker_and_logs_never_hold_the_prompt(redis_url: str, demo_model_dir: Path):
+    from structlog.testing import capture_logs
+
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    secret_prompt = "def very_secret_function_name():"
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        with capture_logs() as logs:
+            request = greedy_request(secret_prompt, 3, ignore_eos=True)
+            await collect(stack.stub, request, metadata=(("traceparent", traceparent),))
+            await asyncio.sleep(0.1)
+    by_event = {entry["event"]: entry for entry in logs}
+    for step in ("request_accepted", "request_started", "request_finished", "request_ended"):
+        assert step in by_event, f"no {step} log"
+    assert by_event["request_accepted"]["traceparent"] == traceparent
+    assert by_event["request_started"]["traceparent"] == traceparent
+    assert all("very_secret" not in repr(entry) for entry in logs)

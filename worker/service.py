@@ -355,6 +355,10 @@ class Worker:
         )  # fmt: skip
         self.engine.add_request(req.request_id, list(req.job.prompt_token_ids), params, req.generated, req.sent_text)
         self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)
+        log.info(
+            "request_started", request_id=req.request_id, attempt=req.attempt, resumed_tokens=len(req.generated),
+            queue_ms=round(time.time() * 1000 - req.job.accepted_unix_ms, 1), traceparent=req.job.traceparent or None,
+        )  # fmt: skip
 
     def _apply_adds(self, outbox: Outbox) -> None:
         adds, self._to_add = self._to_add, []
@@ -402,11 +406,16 @@ class Worker:
 
     def _finish(self, req: Running, outbox: Outbox, stop_reason: int, out: RequestOutput) -> None:
         self.counts[api.StopReason.Name(stop_reason)] += 1
+        log.info(
+            "request_finished", request_id=req.request_id, reason=api.StopReason.Name(stop_reason),
+            generated_tokens=out.num_generated_tokens, traceparent=req.job.traceparent or None,
+        )  # fmt: skip
         outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason, out=out), final=True)
         self._forget(req)
 
     def _finish_unstarted(self, req: Running, outbox: Outbox, stop_reason: int) -> None:
         self.counts[f"{api.StopReason.Name(stop_reason)}_before_start"] += 1
+        log.info("request_finished", request_id=req.request_id, reason=api.StopReason.Name(stop_reason), started=False)
         outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason), final=True)
         self._forget(req)
 

@@ -25,6 +25,8 @@ class GatewayConfig:
     max_stop_sequences: int = setting(16, "most stop sequences per request")
     max_stop_sequence_chars: int = setting(256, "longest stop sequence, in characters")
     max_logprobs: int = setting(5, "most log-probability alternatives per token")
+    max_samples: int = setting(16, "largest sampling.n (samples per prompt)")
+    max_logit_bias: int = setting(300, "most sampling.logit_bias entries")
     max_active_streams: int = setting(4096, "requests in flight on this gateway before RESOURCE_EXHAUSTED")
     max_inflight_requests: int = setting(10_000, "requests queued or running across all gateways; 0: no limit")
     max_inflight_tokens: int = setting(0, "prompt + max_new_tokens queued or running across all gateways; 0: no limit")

@@ -242,7 +242,11 @@ class Generation:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
         at-most-once: a gap in seq, or a lost subscription, is repaired from the request's event log."""
         rid = self.client_id
-        yield api.GenerateEvent(request_id=rid, queued=api.Queued(prompt_tokens=len(self.resolved.prompt_token_ids)))
+        queued = api.Queued(
+            prompt_tokens=len(self.resolved.prompt_token_ids),
+            truncated_prompt_tokens=self.resolved.truncated_prompt_tokens,
+        )
+        yield api.GenerateEvent(request_id=rid, queued=queued)
         self._expected_seq = 1
         self._full_text_pending = self.resolved.return_full_text
         while not self.finished:

@@ -32,20 +32,36 @@ class ResolvedRequest:
     params: bus.ResolvedParams
     return_full_text: bool
     return_token_ids: bool
+    truncated_prompt_tokens: int = 0
 
 
 def resolve(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig) -> ResolvedRequest:
+    prompt_ids, prompt_text = _prompt(request, card, config)
+    return resolve_parts(request, prompt_ids, prompt_text, card, config)
+
+
+def resolve_parts(
+    request: api.GenerateRequest | api.InfillRequest | api.ChatRequest,
+    prompt_ids: list[int],
+    prompt_text: str,
+    card: ModelCard,
+    config: GatewayConfig,
+    extra_stop_token_ids: tuple[int, ...] = (),
+) -> ResolvedRequest:
+    """Everything but the prompt, which each RPC builds its own way (text, infilling, chat template)."""
     if request.request_id and not REQUEST_ID.match(request.request_id):
         raise InvalidRequest("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
-    prompt_ids, prompt_text = _prompt(request, card, config)
     params = bus.ResolvedParams()
-    _sampling(request.sampling, card, params)
+    _sampling(request.sampling, card, config, params)
+    prompt_ids, truncated = _fit(prompt_ids, request, card, config)
     _stopping(request.stopping, len(prompt_ids), card, config, params)
+    params.stop_token_ids.extend(extra_stop_token_ids)
     params.logprobs = -1
     if request.response.HasField("logprobs"):
         if request.response.logprobs > config.max_logprobs:
             raise InvalidRequest("response.logprobs", f"at most {config.max_logprobs}")
         params.logprobs = request.response.logprobs
+    params.prompt_logprobs = request.response.prompt_logprobs
     return ResolvedRequest(
         request_id=request.request_id,
         prompt_token_ids=prompt_ids,
@@ -53,7 +69,27 @@ def resolve(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig
         params=params,
         return_full_text=request.response.return_full_text,
         return_token_ids=request.response.return_token_ids,
+        truncated_prompt_tokens=truncated,
     )
+
+
+def _fit(prompt_ids: list[int], request, card: ModelCard, config: GatewayConfig) -> tuple[list[int], int]:
+    """With truncate_prompt, drop the oldest prompt tokens (after BOS) so that the prompt leaves room for
+    max_new_tokens (the default one if unset)."""
+    if not request.truncate_prompt:
+        return prompt_ids, 0
+    if request.stopping.HasField("max_new_tokens"):
+        max_new = request.stopping.max_new_tokens
+    else:
+        max_new = min(config.max_new_tokens_default, config.max_new_tokens_limit)
+    room = card.max_model_len - max_new
+    if len(prompt_ids) <= room:
+        return prompt_ids, 0
+    if room < 2:
+        raise InvalidRequest("stopping.max_new_tokens", f"leaves no room for a prompt in {card.max_model_len} tokens")
+    keep_bos = 1 if prompt_ids[0] == card.bos_token_id else 0
+    kept = prompt_ids[:keep_bos] + prompt_ids[len(prompt_ids) - (room - keep_bos) :]
+    return kept, len(prompt_ids) - len(kept)
 
 
 def _prompt(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig) -> tuple[list[int], str]:
@@ -75,20 +111,48 @@ def _prompt(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig
     return ids, card.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _sampling(s: api.SamplingParameters, card: ModelCard, out: bus.ResolvedParams) -> None:
+def _sampling(s: api.SamplingParameters, card: ModelCard, config: GatewayConfig, out: bus.ResolvedParams) -> None:
     do_sample = s.do_sample if s.HasField("do_sample") else card.default_do_sample
     temperature = s.temperature if s.HasField("temperature") else card.default_temperature
     top_p = s.top_p if s.HasField("top_p") else card.default_top_p
     top_k = s.top_k if s.HasField("top_k") else card.default_top_k
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
-    if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    _check("sampling.temperature", temperature, 0, None, "a finite number >= 0")
+    _check("sampling.top_p", top_p, 0, 1, "in (0, 1]", low_open=True)
     out.temperature = temperature if do_sample else 0.0
     out.top_k = top_k
     out.top_p = top_p
+    out.min_p = s.min_p if s.HasField("min_p") else 0.0
+    _check("sampling.min_p", out.min_p, 0, 1, "in [0, 1]")
+    out.typical_p = s.typical_p if s.HasField("typical_p") else 1.0
+    _check("sampling.typical_p", out.typical_p, 0, 1, "in (0, 1]", low_open=True)
+    out.repetition_penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    _check("sampling.repetition_penalty", out.repetition_penalty, 0, None, "a finite number > 0", low_open=True)
+    out.presence_penalty = s.presence_penalty if s.HasField("presence_penalty") else 0.0
+    _check("sampling.presence_penalty", out.presence_penalty, -2, 2, "in [-2, 2]")
+    out.frequency_penalty = s.frequency_penalty if s.HasField("frequency_penalty") else 0.0
+    _check("sampling.frequency_penalty", out.frequency_penalty, -2, 2, "in [-2, 2]")
+    if len(s.logit_bias) > config.max_logit_bias:
+        raise InvalidRequest("sampling.logit_bias", f"at most {config.max_logit_bias} entries")
+    for token_id, bias in s.logit_bias.items():
+        if token_id >= card.vocab_size:
+            raise InvalidRequest("sampling.logit_bias", f"token id {token_id} is outside [0, {card.vocab_size})")
+        _check(f"sampling.logit_bias[{token_id}]", bias, -100, 100, "in [-100, 100]")
+        out.logit_bias[token_id] = bias
+    out.n = s.n if s.HasField("n") else 1
+    if not 1 <= out.n <= config.max_samples:
+        raise InvalidRequest("sampling.n", f"must be in [1, {config.max_samples}], got {out.n}")
     # Every request gets a seed, drawn here if the client gave none, so that it can be reported and replayed.
     out.seed = s.seed if s.HasField("seed") else secrets.randbits(63)
+
+
+def _check(field: str, value: float, low: float | None, high: float | None, rule: str, low_open: bool = False) -> None:
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise InvalidRequest(field, f"must be {rule}, got {value}")
 
 
 def _stopping(
@@ -120,3 +184,13 @@ def _stopping(
     out.max_new_tokens = max_new
     out.stop.extend(s.stop)
     out.ignore_eos = s.ignore_eos
+    out.include_stop_sequence = s.include_stop_sequence
+    out.min_new_tokens = s.min_new_tokens if s.HasField("min_new_tokens") else 0
+    if out.min_new_tokens > max_new:
+        raise InvalidRequest("stopping.min_new_tokens", f"must be at most max_new_tokens ({max_new})")
+    if len(s.stop_token_ids) > config.max_stop_sequences:
+        raise InvalidRequest("stopping.stop_token_ids", f"at most {config.max_stop_sequences} token ids")
+    bad = next((t for t in s.stop_token_ids if t >= card.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("stopping.stop_token_ids", f"token id {bad} is outside [0, {card.vocab_size})")
+    out.stop_token_ids.extend(s.stop_token_ids)

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway import prompts
 from gateway.auth import current_tenant
 from gateway.config import GatewayConfig
 from gateway.generations import Generation, Generations, RequestRejected
 from gateway.model_card import ModelCard
-from gateway.validation import InvalidRequest, resolve
+from gateway.validation import InvalidRequest, resolve, resolve_chat, resolve_infill
 from protos import api, api_grpc
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
@@ -28,7 +29,25 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
     async def GenerateStream(
         self, request: api.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateEvent]:
-        generation = await self._open(request, context)
+        async for event in self._stream(request, self._resolve(request), context):
+            yield event
+
+    async def Infill(
+        self, request: api.InfillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api.GenerateEvent]:
+        async for event in self._stream(request, lambda: resolve_infill(request, self.card, self.config), context):
+            yield event
+
+    async def Chat(
+        self, request: api.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api.GenerateEvent]:
+        async for event in self._stream(request, lambda: resolve_chat(request, self.card, self.config), context):
+            yield event
+
+    async def _stream(
+        self, request, resolve_request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api.GenerateEvent]:
+        generation = await self._open(request, context, resolve_request)
         try:
             async for event in generation.events():
                 yield event
@@ -36,8 +55,13 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         finally:
             generation.close()
 
+    def _resolve(self, request: api.GenerateRequest):
+        return lambda: resolve(request, self.card, self.config)
+
     async def Generate(self, request: api.GenerateRequest, context: grpc.aio.ServicerContext) -> api.GenerateResponse:
-        generation = await self._open(request, context)
+        if request.sampling.n > 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.n: more than 1 sample needs GenerateStream")
+        generation = await self._open(request, context, self._resolve(request))
         response = api.GenerateResponse(request_id=generation.request_id)
         text: list[str] = []
         try:
@@ -107,11 +131,13 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         except RequestRejected as exc:
             await context.abort(exc.code, str(exc))
 
-    async def _open(self, request: api.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
+    async def _open(self, request, context: grpc.aio.ServicerContext, resolve_request) -> Generation:
         try:
-            resolved = resolve(request, self.card, self.config)
+            resolved = resolve_request()
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except prompts.UnsupportedByModel as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request started")

@@ -11,6 +11,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from gateway import prompts
 from gateway.config import GatewayConfig
 from gateway.model_card import ModelCard
 from protos import api, bus
@@ -194,3 +195,36 @@ def _stopping(
     if bad is not None:
         raise InvalidRequest("stopping.stop_token_ids", f"token id {bad} is outside [0, {card.vocab_size})")
     out.stop_token_ids.extend(s.stop_token_ids)
+
+
+def resolve_infill(request: api.InfillRequest, card: ModelCard, config: GatewayConfig) -> ResolvedRequest:
+    """Infill: Code Llama's infilling prompt; generation stops at the end-of-infill token, and the text is the
+    middle alone."""
+    if len(request.prefix) + len(request.suffix) > config.max_prompt_chars:
+        raise InvalidRequest("prefix", f"prefix + suffix longer than {config.max_prompt_chars} characters")
+    if not request.prefix and not request.suffix:
+        raise InvalidRequest("prefix", "prefix or suffix required")
+    if request.truncate_prompt:
+        raise InvalidRequest("truncate_prompt", "not supported for Infill (it would cut the infilling format)")
+    if request.response.return_full_text:
+        raise InvalidRequest("response.return_full_text", "not supported for Infill: the middle is the text")
+    suffix_first = request.order == api.InfillRequest.ORDER_SUFFIX_PREFIX_MIDDLE
+    ids = prompts.infill_token_ids(card, request.prefix, request.suffix, suffix_first)
+    return resolve_parts(request, ids, request.prefix, card, config, tuple(prompts.infill_stop_token_ids(card)))
+
+
+def resolve_chat(request: api.ChatRequest, card: ModelCard, config: GatewayConfig) -> ResolvedRequest:
+    """Chat: the messages rendered with the checkpoint's own chat template."""
+    if sum(len(m.content) for m in request.messages) > config.max_prompt_chars:
+        raise InvalidRequest("messages", f"longer than {config.max_prompt_chars} characters in all")
+    if request.truncate_prompt:
+        raise InvalidRequest("truncate_prompt", "not supported for Chat (it would cut the chat format)")
+    messages = [(m.role, m.content) for m in request.messages]
+    try:
+        ids = prompts.render_chat(card, messages)
+        text = prompts.render_chat_text(card, messages) if request.response.return_full_text else ""
+    except prompts.UnsupportedByModel:
+        raise
+    except prompts.PromptError as exc:
+        raise InvalidRequest(exc.field or "messages", exc.problem) from exc
+    return resolve_parts(request, ids, text, card, config)

@@ -290,3 +290,28 @@ async def test_traceparent_reaches_the_worker_and_logs_never_hold_the_prompt(red
     assert by_event["request_accepted"]["traceparent"] == traceparent
     assert by_event["request_started"]["traceparent"] == traceparent
     assert all("very_secret" not in repr(entry) for entry in logs)
+
+
+async def test_infill_streams_the_middle_and_chat_needs_a_template(redis_url: str, demo_model_dir: Path):
+    from gateway.prompts import infill_token_ids
+
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        request = api.InfillRequest(
+            prefix="def add(a, b):\n    ", suffix="\n    return c\n",
+            stopping=api.StoppingCriteria(max_new_tokens=8), response=api.ResponseOptions(return_token_ids=True),
+        )  # fmt: skip
+        events = [e async for e in stack.stub.Infill(request)]
+        ids, text, finished = check_stream_shape(events)
+        card = stack.gateway.generations.card
+        eot = card.fim_ids.eot
+        assert eot not in ids or finished.stop_reason == api.STOP_REASON_EOS
+        assert events[0].queued.prompt_tokens == len(infill_token_ids(card, request.prefix, request.suffix, False))
+        # The demo model has no chat template: a clear refusal, naming what to use instead.
+        chat = api.ChatRequest(messages=[api.ChatMessage(role="user", content="hi")])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [e async for e in stack.stub.Chat(chat)]
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "chat template" in info.value.details()
+        bad = api.InfillRequest(prefix="x", suffix="y", truncate_prompt=True)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [e async for e in stack.stub.Infill(bad)]
+        assert info.value.details().startswith("truncate_prompt: ")

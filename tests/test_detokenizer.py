@@ -85,3 +85,32 @@ def test_random_token_streams_match_full_decodes(tok: Tokenizer):
         # Whole characters only ever come out; valid text equals the full decode exactly.
         if "\ufffd" not in tok.decode(ids):
             assert text == tok.decode([1, *ids], skip_special_tokens=True)
+
+
+def test_include_stop_sequence_keeps_the_match_and_nothing_after_it(tok: Tokenizer):
+    ids = tok.encode("result = compute(value)\nreturn result", add_special_tokens=False).ids
+    deltas, matched = run(IncrementalDetokenizer(tok, [1], stop=("(val", "\nret"), include_stop=True), ids)
+    assert matched == "(val"
+    assert "".join(deltas) == "result = compute(val"  # the token "value" goes on, but its "ue" does not
+    # Text that may begin the stop string is still held back until the match is known.
+    assert all(not d.endswith("(") for d in deltas[:-1])
+
+
+def test_include_stop_sequence_with_several_candidates(tok: Tokenizer):
+    ids = tok.encode("abc def ghi", add_special_tokens=False).ids
+    deltas, matched = run(IncrementalDetokenizer(tok, [1], stop=("ghi", "c d"), include_stop=True), ids)
+    assert matched == "c d" and "".join(deltas) == "abc d"
+    # Two stop strings starting at the same place: the shorter one completes first.
+    deltas, matched = run(IncrementalDetokenizer(tok, [1], stop=("c def", "c d"), include_stop=True), ids)
+    assert matched == "c d" and "".join(deltas) == "abc d"
+
+
+def test_include_stop_sequence_on_a_continuation(tok: Tokenizer):
+    ids = tok.encode("x = 1\ny = 2\n", add_special_tokens=False).ids
+    full, _ = run(IncrementalDetokenizer(tok, [1], stop=("y =",), include_stop=True), ids)
+    text = "".join(full)
+    assert text == "x = 1\ny ="
+    resumed = IncrementalDetokenizer(tok, [1], stop=("y =",), include_stop=True)
+    resumed.replay(ids[:2], "".join(full[:2]))
+    rest, matched = run(resumed, ids[2:])
+    assert matched == "y =" and "".join(full[:2]) + "".join(rest) == text

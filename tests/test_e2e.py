@@ -301,7 +301,7 @@ async def test_infill_streams_the_middle_and_chat_needs_a_template(redis_url: st
             stopping=api.StoppingCriteria(max_new_tokens=8), response=api.ResponseOptions(return_token_ids=True),
         )  # fmt: skip
         events = [e async for e in stack.stub.Infill(request)]
-        ids, text, finished = check_stream_shape(events)
+        ids, _text, finished = check_stream_shape(events)
         card = stack.gateway.generations.card
         eot = card.fim_ids.eot
         assert eot not in ids or finished.stop_reason == api.STOP_REASON_EOS

@@ -12,7 +12,9 @@ without a whole character the replacement character goes out, as a full decode w
 
 Stop sequences are matched on the generated text, not on tokens: a stop string can span tokens or start in
 the middle of one. Text that could still turn out to be the beginning of a stop sequence is held back, so a
-client never receives part of a stop sequence.
+client never receives part of a stop sequence. The text ends just before the earliest match (the shorter
+stop string if two start at the same place); with `include_stop` it ends just after it, the matched stop
+string included, and nothing that followed it in the same token.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ MAX_UTF8_BYTES = 4
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (), context: int = 8
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        stop: tuple[str, ...] = (),
+        context: int = 8,
+        include_stop: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.ids = list(prompt_token_ids[-context:])
@@ -32,6 +39,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(0, len(self.ids) - 1)
         self.read_offset = len(self.ids)
         self.stop = stop
+        self.include_stop = include_stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.text = ""  # all generated text so far (cut at a matched stop sequence)
         self.num_sent = 0  # characters of self.text already handed out
@@ -51,11 +59,11 @@ class IncrementalDetokenizer:
         best: tuple[int, str] | None = None
         for s in self.stop:
             at = self.text.find(s, start)
-            if at >= 0 and (best is None or at < best[0]):
+            if at >= 0 and (best is None or (at, len(s)) < (best[0], len(best[1]))):
                 best = (at, s)
         if best is None:
             return None
-        self.text = self.text[: best[0]]
+        self.text = self.text[: best[0] + len(best[1]) if self.include_stop else best[0]]
         self.stopped = True
         return best[1]
 

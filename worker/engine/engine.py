@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
@@ -24,9 +25,9 @@ from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.sampling_params import SamplingParams
-from worker.engine.scheduler import Scheduler
+from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
-from worker.engine.step_inputs import plan_step
+from worker.engine.step_inputs import StepPlan, plan_step
 from worker.engine.tokenizer import load_tokenizer
 
 
@@ -39,8 +40,13 @@ class RequestOutput:
     text: str  # whole characters only; may be empty
     finished: bool
     finish_reason: FinishReason | None = None
+    # The stop string that ended the generation (STOP_SEQUENCE); "" otherwise, also when a stop token id
+    # ended it (reported as EOS: the protocol has no stop-token reason, and the token is not in the text).
     stop_sequence: str = ""
+    # One entry per token of new_token_ids (params.logprobs >= 0), under the model's raw distribution.
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # params.prompt_logprobs, in the request's first output only: entry i is prompt token i + 1's.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     # Wall-clock (time.time()) marks, for timing reports.
@@ -82,7 +88,7 @@ class LLMEngine:
             self.eos_token_id = self.eos_token_id[0]
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(self.runner.device)
+        self.sampler = Sampler(self.runner.device, self.eos_token_id)
         self.sequences: dict[str, Sequence] = {}
         self.step_timing = StepTiming()
 
@@ -125,10 +131,20 @@ class LLMEngine:
         capacity = self.block_manager.num_blocks * self.config.block_size
         if total > capacity:
             raise ValueError(f"request needs {total} KV slots; the whole pool has {capacity}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         detok = IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, params.stop, self.config.detokenizer_context_tokens
+            self.tokenizer,
+            prompt_token_ids,
+            params.stop,
+            self.config.detokenizer_context_tokens,
+            include_stop=params.include_stop_sequence,
         )
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok)
+        if params.prompt_logprobs and not generated_token_ids:  # a continuation's client already has them
+            seq.prompt_logprobs = []
         if generated_token_ids:
             if max(generated_token_ids) >= self.vocab_size or min(generated_token_ids) < 0:
                 raise ValueError(f"generated token ids must be in [0, {self.vocab_size})")
@@ -173,11 +189,24 @@ class LLMEngine:
         plan = plan_step(batch, self.config.block_size)
         if self.config.fault_poison_token_id >= 0 and self.config.fault_poison_token_id in plan.input_ids:
             raise RuntimeError("fault injection: poison token in the step's input")
+        prompt_spans = self._prompt_logprob_spans(batch, plan)
         t1 = time.perf_counter()
-        logits = self.runner.run(plan)
+        if prompt_spans:
+            # Logits of the sampled rows, then of these rows, in this order (see _prompt_logprob_spans).
+            logits = self.runner.run(plan, [row for _, rows, _ in prompt_spans for row in rows])
+        else:
+            logits = self.runner.run(plan)
         t2 = time.perf_counter()
         sampled = [batch.seqs[i] for i in plan.sampled_seq_indices]
-        result = self.sampler(logits, [s.params for s in sampled], [s.num_generated_tokens for s in sampled])
+        num_sampled = len(plan.sample_indices)
+        result = self.sampler(
+            logits[:num_sampled],
+            [s.params for s in sampled],
+            [s.num_generated_tokens for s in sampled],
+            [s.token_ids for s in sampled],
+        )
+        if prompt_spans:
+            self._record_prompt_logprobs(prompt_spans, logits[num_sampled:])
         t3 = time.perf_counter()
 
         for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
@@ -198,11 +227,49 @@ class LLMEngine:
         timing.batch_tokens += len(plan.input_ids)
         return outputs
 
+    def _prompt_logprob_spans(self, batch: ScheduledBatch, plan: StepPlan) -> list[tuple[Sequence, range, list[int]]]:
+        """The extra logits rows this step needs for prompt logprobs, per sequence that wants them: (sequence,
+        rows of the packed batch, the prompt tokens those rows predict). Row of position p predicts token
+        p + 1, so positions 0 .. num_prompt_tokens - 2 are needed (the last prompt position is the sampled
+        row); positions already done (before a preemption) are not asked again. Prefix-cache reuse would skip
+        positions without computing them: the scheduler must not reuse a cached prefix for these sequences."""
+        spans = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
+            if seq.prompt_logprobs is None:
+                continue
+            start, done, end = seq.num_computed_tokens, len(seq.prompt_logprobs), seq.num_prompt_tokens - 1
+            lo, hi = max(start, done), min(start + n, end)
+            if lo >= hi:
+                continue
+            if start > done:
+                raise RuntimeError(
+                    f"request {seq.request_id!r}: prompt positions {done}..{start - 1} were taken from the prefix "
+                    "cache without logits; sequences with prompt_logprobs must not reuse cached blocks"
+                )
+            first = plan.query_starts[i] - start
+            spans.append((seq, range(first + lo, first + hi), seq.token_ids[lo + 1 : hi + 1]))
+        return spans
+
+    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range, list[int]]], logits: torch.Tensor) -> None:
+        """Turn the extra rows' logits (in span order) into TokenLogprobs appended to each sequence's list."""
+        targets = [t for _, _, ids in spans for t in ids]
+        num_top = [max(seq.params.logprobs, 0) for seq, _, ids in spans for _ in ids]
+        entries = self.sampler.token_logprobs(logits, targets, num_top)
+        at = 0
+        for seq, _, ids in spans:
+            seq.prompt_logprobs.extend(entries[at : at + len(ids)])
+            at += len(ids)
+
     def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         seq.token_ids.append(token_id)
         params = seq.params
         stop_sequence = ""
-        if token_id == self.eos_token_id and not params.ignore_eos:
+        # EOS and stop token ids end the generation only after min_new_tokens (before, the sampler masks
+        # them; one that comes anyway, e.g. in a continuation's tokens, is an ordinary token).
+        may_end = seq.num_generated_tokens > params.min_new_tokens
+        if may_end and token_id in params.stop_token_ids:
+            seq.finish_reason = FinishReason.EOS  # not in the text, like EOS; stop_sequence stays ""
+        elif may_end and token_id == self.eos_token_id and not params.ignore_eos:
             seq.finish_reason = FinishReason.EOS
         else:
             matched = seq.detokenizer.push(token_id)
@@ -214,7 +281,10 @@ class LLMEngine:
             seq.stop_sequence = stop_sequence
             self.scheduler.finish(seq)
             del self.sequences[seq.request_id]
-        return self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
+        out = self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
+        if seq.prompt_logprobs is not None:  # the request's first output
+            out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return out
 
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs], text: str) -> RequestOutput:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.sampler import TokenLogprobs
 from worker.engine.sampling_params import SamplingParams
 
 
@@ -46,6 +47,9 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # With params.prompt_logprobs: entry i is prompt token i + 1's log-probability, filled as the prompt is
+    # prefilled (chunk by chunk); None once handed out with the first output (or when not wanted).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -315,3 +315,25 @@ async def test_infill_streams_the_middle_and_chat_needs_a_template(redis_url: st
         with pytest.raises(grpc.aio.AioRpcError) as info:
             [e async for e in stack.stub.Infill(bad)]
         assert info.value.details().startswith("truncate_prompt: ")
+
+
+async def test_full_sampling_set_and_logprobs_over_grpc(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        request = api.GenerateRequest(
+            prompt="def sort(xs):",
+            sampling=api.SamplingParameters(
+                do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, typical_p=0.95, seed=11,
+                repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3, logit_bias={5: -100.0},
+            ),
+            stopping=api.StoppingCriteria(max_new_tokens=12, min_new_tokens=12, stop_token_ids=[2]),
+            response=api.ResponseOptions(logprobs=3, prompt_logprobs=True, return_token_ids=True),
+        )  # fmt: skip
+        first = [e async for e in stack.stub.GenerateStream(request)]
+        again = [e async for e in stack.stub.GenerateStream(request)]
+    ids, _text, finished = check_stream_shape(first)
+    assert ids == check_stream_shape(again)[0], "same seed, same tokens"
+    assert len(ids) == 12 and 5 not in ids and finished.seed == 11
+    chunks = [e.tokens for e in first[1:-1]]
+    assert len(chunks[0].prompt_logprobs) == first[0].queued.prompt_tokens - 1
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    assert all(len(lp.top) == 3 and lp.rank >= 1 and lp.logprob <= 0 for c in chunks for lp in c.logprobs)

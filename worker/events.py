@@ -21,7 +21,10 @@ def token_chunk(request_id: str, seq: int, out: RequestOutput) -> api.GenerateEv
         request_id=request_id,
         seq=seq,
         tokens=api.TokenChunk(
-            token_ids=out.new_token_ids, text=out.text, logprobs=[_logprob(lp) for lp in out.logprobs]
+            token_ids=out.new_token_ids,
+            text=out.text,
+            logprobs=[_logprob(lp) for lp in out.logprobs],
+            prompt_logprobs=[_logprob(lp) for lp in out.prompt_logprobs],
         ),
     )
 

@@ -351,7 +351,12 @@ class Worker:
         p = req.job.params
         params = SamplingParams(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, max_new_tokens=p.max_new_tokens,
-            stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
+            stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs, min_p=p.min_p,
+            typical_p=p.typical_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            logit_bias=tuple(sorted(p.logit_bias.items())), min_new_tokens=p.min_new_tokens,
+            stop_token_ids=tuple(p.stop_token_ids), include_stop_sequence=p.include_stop_sequence,
+            prompt_logprobs=p.prompt_logprobs and not req.generated,
         )  # fmt: skip
         self.engine.add_request(req.request_id, list(req.job.prompt_token_ids), params, req.generated, req.sent_text)
         self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)

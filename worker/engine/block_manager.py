@@ -87,7 +87,8 @@ class BlockManager:
         tokens computed. The last token is always left to compute (its logits are needed). Returns the
         number of tokens reused."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        # A sequence that wants its prompt's logprobs must compute every prompt position itself.
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return 0
         bs = self.block_size
         prev = 0

@@ -7,6 +7,8 @@ writes K/V through block tables, and computes logits only for the tokens that ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -122,8 +124,8 @@ class ModelRunner:
         return num_blocks
 
     def _profile_activations(self) -> int:
-        """Peak memory of the largest step the scheduler can build (a full token budget, max_num_seqs logits
-        rows), run once on a scratch KV cache just large enough for it."""
+        """Peak memory of the largest step the scheduler can build (a full token budget, logits for every row),
+        run once on a scratch KV cache just large enough for it."""
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         blocks = -(-tokens // self.block_size)
         shape = (blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
@@ -135,7 +137,8 @@ class ModelRunner:
             slots=[self.block_size + i for i in range(tokens)],
             query_starts=[0], query_lens=[tokens], context_lens=[tokens],
             block_tables=[list(range(1, blocks + 1))],
-            sample_indices=list(range(tokens - min(tokens, self.config.max_num_seqs), tokens)),
+            # Every row: a step may ask for the logits of all its tokens (prompt logprobs).
+            sample_indices=list(range(tokens)),
             sampled_seq_indices=[0],
         )  # fmt: skip
         torch.cuda.synchronize()
@@ -154,9 +157,10 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------------
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Compute one step; return float32 logits [len(plan.sample_indices), vocab]."""
-        if self.graphs is not None and plan.is_decode and plan.num_seqs <= self.graphs.max_batch:
+    def run(self, plan: StepPlan, extra_rows: Sequence[int] = ()) -> torch.Tensor:
+        """Compute one step; return float32 logits [len(plan.sample_indices) + len(extra_rows), vocab]: the
+        sampled rows in plan order, then `extra_rows` (rows of the packed batch, for prompt logprobs)."""
+        if self.graphs is not None and plan.is_decode and not extra_rows and plan.num_seqs <= self.graphs.max_batch:
             return self.graphs.run(plan)
         if self.backend_name == "triton" and plan.is_decode:
             # Decode without graphs (CPU interpreter, or graphs disabled): same kernels, static buffers.
@@ -167,7 +171,8 @@ class ModelRunner:
         dev = self.device
         ids = _to_device(plan.input_ids, dev)
         positions = _to_device(plan.positions, dev)
-        sample = None if plan.is_decode else _to_device(plan.sample_indices, dev)
+        rows = plan.sample_indices + list(extra_rows)
+        sample = None if plan.is_decode and not extra_rows else _to_device(rows, dev)
         return self._forward(ids, positions, meta, sample)
 
     @torch.inference_mode()

@@ -114,3 +114,12 @@ def test_include_stop_sequence_on_a_continuation(tok: Tokenizer):
     resumed.replay(ids[:2], "".join(full[:2]))
     rest, matched = run(resumed, ids[2:])
     assert matched == "y =" and "".join(full[:2]) + "".join(rest) == text
+
+
+def test_text_after_a_special_token_keeps_its_leading_space(tok: Tokenizer):
+    """An infilling prompt ends with ▁<MID>: the middle's first word keeps its space (as Meta's decoding)."""
+    mid = tok.token_to_id("▁<MID>")
+    prompt = [*tok.encode("def f(x):", add_special_tokens=False).ids, mid]
+    generated = tok.encode("return x", add_special_tokens=False).ids  # "▁return▁x"-ish: a leading space
+    deltas, _ = run(IncrementalDetokenizer(tok, prompt), generated)
+    assert "".join(deltas) == " return x"

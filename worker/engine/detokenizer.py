@@ -19,9 +19,22 @@ string included, and nothing that followed it in the same token.
 
 from __future__ import annotations
 
+import weakref
+
 from tokenizers import Tokenizer
 
 MAX_UTF8_BYTES = 4
+
+
+_special_cache: weakref.WeakKeyDictionary[Tokenizer, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    ids = _special_cache.get(tokenizer)
+    if ids is None:
+        ids = frozenset(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+        _special_cache[tokenizer] = ids
+    return ids
 
 
 class IncrementalDetokenizer:
@@ -36,7 +49,12 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.ids = list(prompt_token_ids[-context:])
         # ids[prefix_offset:read_offset] is decoded context; ids[read_offset:] are tokens not yet turned to text.
-        self.prefix_offset = max(0, len(self.ids) - 1)
+        # The context starts at the last token that decodes to text: after a special token (an infilling
+        # prompt ends with ▁<MID>, skipped when decoding), the first generated word would otherwise be decoded
+        # at the start of a string and lose its leading space.
+        special = _special_ids(tokenizer)
+        last_text = next((i for i in range(len(self.ids) - 1, -1, -1) if self.ids[i] not in special), None)
+        self.prefix_offset = last_text if last_text is not None else max(0, len(self.ids) - 1)
         self.read_offset = len(self.ids)
         self.stop = stop
         self.include_stop = include_stop

@@ -10,6 +10,9 @@ setup:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# checkov (the manifests' security scan) pins packages torch needs: a venv of its own.
+	python3 -m venv .venv-scan
+	.venv-scan/bin/pip install -q -r deploy/requirements-scan.txt
 
 test: lint
 	$(PY) -m pytest -q

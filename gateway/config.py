@@ -18,6 +18,12 @@ class GatewayConfig:
     host: str = setting("0.0.0.0", "gRPC listen address")
     port: int = setting(50051, "gRPC listen port")
     metrics_port: int = setting(9090, "Prometheus metrics HTTP port; 0: off")
+    max_connection_age_s: float = setting(
+        0.0, "close client connections after this long (new ones spread over gateways); 0: never"
+    )
+    max_connection_age_grace_s: float = setting(
+        600.0, "how long a connection being closed for age may finish its streams"
+    )
     max_model_len: int = setting(0, "context limit enforced on requests; 0: the model's")
     max_new_tokens_default: int = setting(256, "max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")

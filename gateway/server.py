@@ -87,6 +87,16 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
             ("grpc.max_receive_message_length", 16 * 2**20),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # Long-lived HTTP/2 connections pin clients to one gateway; an age limit makes them reconnect (and
+            # rebalance over the gateways) without cutting the streams in flight.
+            *(
+                [
+                    ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
+                ]
+                if config.max_connection_age_s > 0
+                else []
+            ),
         ],
     )
     api_grpc.add_CodeStreamServicer_to_server(CodeStreamServicer(generations, card, config), server)

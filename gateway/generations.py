@@ -248,6 +248,7 @@ class Generation:
         )
         yield api.GenerateEvent(request_id=rid, queued=queued)
         self._expected_seq = 1
+        self._samples_left = max(1, self.resolved.params.n)
         self._full_text_pending = self.resolved.return_full_text
         while not self.finished:
             event = await self._next()
@@ -307,6 +308,8 @@ class Generation:
                 self._full_text_pending = False
             if not self.resolved.return_token_ids:
                 del event.tokens.token_ids[:]
+        elif kind == "finished" and self._samples_left > 1:
+            self._samples_left -= 1  # (sampling.n > 1) more samples to come
         elif kind in ("finished", "error"):
             self.finished = True
             metrics.request_duration.observe(self.last_event_at - self.accepted_at)

@@ -283,3 +283,37 @@ async def test_queued_jobs_are_enqueued_again_after_redis_restarts_empty(demo_mo
     finally:
         await stop_all(gateway, *([worker] if worker else []))
         server.close()
+
+
+async def test_samples_continue_on_another_worker(redis_url: str, demo_model_dir: Path):
+    ns = namespace()
+    settings = {"lease_s": 1.0, "heartbeat_s": 0.2}
+    doomed = start_worker(redis_url, demo_model_dir, ns, **settings)
+    gateway = await start_test_gateway(redis_url, demo_model_dir, ns)
+    survivor = None
+    request = api.GenerateRequest(
+        prompt=PROMPTS[0],
+        sampling=api.SamplingParameters(do_sample=True, temperature=1.0, seed=9, n=2),
+        stopping=api.StoppingCriteria(max_new_tokens=120, ignore_eos=True),
+        response=api.ResponseOptions(return_token_ids=True),
+    )
+    try:
+        async with channel_to(gateway) as stub:
+            reference = [e async for e in stub.GenerateStream(request)]  # uninterrupted
+            call = asyncio.create_task(collect(stub, request))
+            await wait_until(lambda: doomed.worker.engine.stats().num_running == 2)
+            await asyncio.sleep(0.3)
+            doomed.crash()
+            survivor = start_worker(redis_url, demo_model_dir, ns, **settings)
+            events = await asyncio.wait_for(call, 60)
+
+        def tokens(evs, index):
+            return [t for e in evs if e.HasField("tokens") and e.index == index for t in e.tokens.token_ids]
+
+        assert [e.seq for e in events] == list(range(len(events)))
+        for index in (0, 1):
+            assert tokens(events, index) == tokens(reference, index), f"sample {index}"
+        assert survivor.worker.counts["reclaimed"] == 1
+    finally:
+        await doomed.worker.redis.aclose()
+        await stop_all(gateway, *([survivor] if survivor else []))

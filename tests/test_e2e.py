@@ -337,3 +337,26 @@ async def test_full_sampling_set_and_logprobs_over_grpc(redis_url: str, demo_mod
     assert len(chunks[0].prompt_logprobs) == first[0].queued.prompt_tokens - 1
     assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
     assert all(len(lp.top) == 3 and lp.rank >= 1 and lp.logprob <= 0 for c in chunks for lp in c.logprobs)
+
+
+async def test_n_samples_stream_with_their_index(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        request = api.GenerateRequest(
+            prompt="def parse(text):",
+            sampling=api.SamplingParameters(do_sample=True, temperature=1.0, seed=3, n=3),
+            stopping=api.StoppingCriteria(max_new_tokens=6, ignore_eos=True),
+            response=api.ResponseOptions(return_token_ids=True),
+        )
+        events = [e async for e in stack.stub.GenerateStream(request)]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.Generate(request)
+        assert info.value.details().startswith("sampling.n: ")
+    assert [e.seq for e in events] == list(range(len(events)))
+    finished = [e for e in events if e.HasField("finished")]
+    assert sorted(e.index for e in finished) == [0, 1, 2] and events[-1].HasField("finished")
+    per_index: dict[int, list[int]] = {}
+    for e in events:
+        if e.HasField("tokens"):
+            per_index.setdefault(e.index, []).extend(e.tokens.token_ids)
+    assert all(len(per_index[i]) == 6 for i in range(3))
+    assert len({f.finished.seed for f in finished}) == 3

@@ -117,9 +117,9 @@ def test_abort_frees_blocks_and_reports(demo_model_dir: Path) -> None:
     engine.add_request("b", tok.encode(PROMPTS[0]).ids, SamplingParams(max_new_tokens=5, ignore_eos=True))
     engine.step()
     engine.step()
-    out = engine.abort_request("a")
-    assert out is not None and out.finished and out.finish_reason is FinishReason.ABORTED
-    assert engine.abort_request("a") is None
+    (out,) = engine.abort_request("a")
+    assert out.finished and out.finish_reason is FinishReason.ABORTED
+    assert engine.abort_request("a") == []
     assert engine.stats().num_running == 1
     run_to_completion(engine)
     assert engine.stats().num_free_blocks == 64
@@ -244,3 +244,41 @@ def test_cached_blocks_are_evicted_when_the_pool_needs_them(demo_model_dir: Path
     bm = engine.block_manager
     assert bm.num_free_blocks == 16
     assert len(bm.cached) <= 16 and all(bm.cached[key[0]] == b for b, key in bm.block_key.items())
+
+
+def test_n_samples_share_the_prompts_kv_blocks(demo_model_dir: Path, hf_model) -> None:
+    engine = make_engine(demo_model_dir, num_blocks=256, block_size=8)
+    prompt = engine.tokenizer.encode(PROMPTS[3]).ids  # 96 tokens: 12 full blocks
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=6, ignore_eos=True)
+    engine.add_request("r", prompt, params, n=4)
+    outputs = []
+    engine.step()  # (chunked?) prefill under the default budget: one step here
+    blocks_after_fork = engine.block_manager.num_used_blocks
+    while engine.has_unfinished():
+        outputs += engine.step()
+    # The prompt's 12 full blocks once, then per sample its own last block(s): far fewer than 4 copies.
+    assert blocks_after_fork <= 12 + 4 * 2, blocks_after_fork
+    by_index: dict[int, list[int]] = {}
+    for out in outputs:
+        by_index.setdefault(out.index, []).extend(out.new_token_ids)
+    assert sorted(by_index) == [0, 1, 2, 3] and all(len(v) == 5 for v in by_index.values())  # + 1 in the fork step
+    assert len({tuple(v) for v in by_index.values()}) > 1, "different seeds, different samples"
+    assert engine.stats().num_free_blocks == 256
+
+
+def test_a_forked_sample_continues_exactly_like_a_lone_request_with_its_seed(demo_model_dir: Path) -> None:
+    from worker.engine.sampler import sample_seed
+
+    params = SamplingParams(temperature=0.9, seed=77, max_new_tokens=8, ignore_eos=True)
+    prompt = make_engine(demo_model_dir, num_blocks=64).tokenizer.encode(PROMPTS[1]).ids
+    engine = make_engine(demo_model_dir, num_blocks=256)
+    engine.add_request("group", prompt, params, n=3)
+    tokens: dict[int, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.index, []).extend(out.new_token_ids)
+    alone = make_engine(demo_model_dir, num_blocks=256)
+    alone.add_request(
+        "solo", prompt, SamplingParams(temperature=0.9, seed=sample_seed(77, 2), max_new_tokens=8, ignore_eos=True)
+    )
+    assert run_to_completion(alone)["tokens"]["solo"] == tokens[2]

@@ -8,6 +8,7 @@ import grpc
 
 from protos import api, bus
 from worker.engine import FinishReason, RequestOutput, TokenLogprobs
+from worker.engine.sampler import sample_seed
 
 STOP_REASONS = {
     FinishReason.LENGTH: api.STOP_REASON_LENGTH,
@@ -20,6 +21,7 @@ def token_chunk(request_id: str, seq: int, out: RequestOutput) -> api.GenerateEv
     return api.GenerateEvent(
         request_id=request_id,
         seq=seq,
+        index=out.index,
         tokens=api.TokenChunk(
             token_ids=out.new_token_ids,
             text=out.text,
@@ -36,6 +38,7 @@ def finished(
     *,
     out: RequestOutput | None = None,
     now: float | None = None,
+    index: int = 0,
 ) -> api.GenerateEvent:
     """The Finished event. stop_reason: an api.StopReason value (see STOP_REASONS for engine reasons)."""
     now = time.time() if now is None else now
@@ -47,12 +50,13 @@ def finished(
     return api.GenerateEvent(
         request_id=job.request_id,
         seq=seq,
+        index=out.index if out else index,
         finished=api.Finished(
             stop_reason=stop_reason,
             stop_sequence=out.stop_sequence if out else "",
             prompt_tokens=out.num_prompt_tokens if out else len(job.prompt_token_ids),
             generated_tokens=out.num_generated_tokens if out else 0,
-            seed=job.params.seed,
+            seed=sample_seed(job.params.seed, out.index if out else index),
             timings=api.Timings(
                 queue_ms=since_accepted(out.first_scheduled_time if out else None),
                 first_token_ms=since_accepted(out.first_token_time if out else None),

@@ -225,13 +225,20 @@ class Worker:
         req.seq = last_seq
         for _entry_id, fields in await self.redis.xrange(self.keys.event_log(rid), "-", f"{last_seq}-0"):
             event = api.GenerateEvent.FromString(fields[EVENT_FIELD])
+            sample = req.samples.setdefault(event.index, type(req.samples[0])())
             if event.HasField("tokens"):
-                req.generated.extend(event.tokens.token_ids)
-                req.sent_text += event.tokens.text
-            elif event.HasField("finished") or event.HasField("error"):
-                await self.redis.xack(self.keys.jobs, self.keys.worker_group, claimed.entry_id)
-                return None  # it had finished; only the acknowledgement was missing
-        log.info("job_resumed", request_id=rid, attempt=req.attempt, seq=last_seq, tokens=len(req.generated))
+                sample.generated.extend(event.tokens.token_ids)
+                sample.sent_text += event.tokens.text
+            elif event.HasField("finished"):
+                sample.finished = True
+            elif event.HasField("error"):
+                sample.finished = True
+                req.samples = {i: s for i, s in req.samples.items() if s.finished}
+        if not req.unfinished:
+            await self.redis.xack(self.keys.jobs, self.keys.worker_group, claimed.entry_id)
+            return None  # it had finished; only the acknowledgement was missing
+        tokens = sum(len(s.generated) for s in req.samples.values())
+        log.info("job_resumed", request_id=rid, attempt=req.attempt, seq=last_seq, tokens=tokens)
         return req
 
     async def _screen(self, taken: list[Running]) -> None:
@@ -356,12 +363,19 @@ class Worker:
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
             logit_bias=tuple(sorted(p.logit_bias.items())), min_new_tokens=p.min_new_tokens,
             stop_token_ids=tuple(p.stop_token_ids), include_stop_sequence=p.include_stop_sequence,
-            prompt_logprobs=p.prompt_logprobs and not req.generated,
+            prompt_logprobs=p.prompt_logprobs and not req.started,
         )  # fmt: skip
-        self.engine.add_request(req.request_id, list(req.job.prompt_token_ids), params, req.generated, req.sent_text)
+        prompt = list(req.job.prompt_token_ids)
+        if not req.started:
+            self.engine.add_request(req.request_id, prompt, params, n=len(req.samples))
+        else:  # a continuation: each unfinished sample on its own, from the tokens its client has
+            for index in req.unfinished:
+                sample = req.samples[index]
+                self.engine.add_request(req.request_id, prompt, params, sample.generated, sample.sent_text, index=index)
         self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)
         log.info(
-            "request_started", request_id=req.request_id, attempt=req.attempt, resumed_tokens=len(req.generated),
+            "request_started", request_id=req.request_id, attempt=req.attempt,
+            resumed_tokens=sum(len(s.generated) for s in req.samples.values()),
             queue_ms=round(time.time() * 1000 - req.job.accepted_unix_ms, 1), traceparent=req.job.traceparent or None,
         )  # fmt: skip
 
@@ -381,13 +395,13 @@ class Worker:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            out = self.engine.abort_request(rid)
+            outs = self.engine.abort_request(rid)
             if reason == DROP:
                 self._forget(req)
-            elif out is None:  # not in the engine yet
+            elif not outs:  # not in the engine yet
                 self._finish_unstarted(req, outbox, reason)
             else:
-                self._finish(req, outbox, reason, out)
+                self._end_samples(req, outbox, reason, outs)
 
     def _expire(self, outbox: Outbox) -> None:
         now_ms = time.time() * 1000
@@ -403,25 +417,34 @@ class Worker:
             return
         if out.new_token_ids or out.text:
             self.counts["generated_tokens"] += len(out.new_token_ids)
-            req.generated.extend(out.new_token_ids)
-            req.sent_text += out.text
+            sample = req.samples[out.index]
+            sample.generated.extend(out.new_token_ids)
+            sample.sent_text += out.text
             outbox.add(req, events.token_chunk(req.request_id, req.next_seq(), out))
         if out.finished:
-            self._finish(req, outbox, events.STOP_REASONS[out.finish_reason], out)
+            self._end_samples(req, outbox, events.STOP_REASONS[out.finish_reason], [out])
 
-    def _finish(self, req: Running, outbox: Outbox, stop_reason: int, out: RequestOutput) -> None:
-        self.counts[api.StopReason.Name(stop_reason)] += 1
-        log.info(
-            "request_finished", request_id=req.request_id, reason=api.StopReason.Name(stop_reason),
-            generated_tokens=out.num_generated_tokens, traceparent=req.job.traceparent or None,
-        )  # fmt: skip
-        outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason, out=out), final=True)
-        self._forget(req)
+    def _end_samples(self, req: Running, outbox: Outbox, stop_reason: int, outs: list[RequestOutput]) -> None:
+        """Finished events for these samples; the job ends (and is acknowledged) with its last sample."""
+        for out in outs:
+            req.samples[out.index].finished = True
+            self.counts[api.StopReason.Name(stop_reason)] += 1
+            done = not req.unfinished
+            log.info(
+                "request_finished", request_id=req.request_id, index=out.index, reason=api.StopReason.Name(stop_reason),
+                generated_tokens=out.num_generated_tokens, traceparent=req.job.traceparent or None,
+            )  # fmt: skip
+            outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason, out=out), final=done)
+        if not req.unfinished:
+            self._forget(req)
 
     def _finish_unstarted(self, req: Running, outbox: Outbox, stop_reason: int) -> None:
         self.counts[f"{api.StopReason.Name(stop_reason)}_before_start"] += 1
         log.info("request_finished", request_id=req.request_id, reason=api.StopReason.Name(stop_reason), started=False)
-        outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason), final=True)
+        indices = req.unfinished
+        for index in indices:
+            event = events.finished(req.job, req.next_seq(), stop_reason, index=index)
+            outbox.add(req, event, final=index == indices[-1])
         self._forget(req)
 
     def _fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:

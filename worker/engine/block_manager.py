@@ -80,6 +80,29 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
 
+    def fork(self, parent: Sequence, child: Sequence, copy_block) -> None:
+        """Give `child` the parent's KV (another sample of the same prompt): its full blocks are shared, the
+        last one, if partly filled, is copied (both sequences will write into it)."""
+        assert not child.block_table
+        full = parent.num_computed_tokens // self.block_size
+        for block in parent.block_table[:full]:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            child.block_table.append(block)
+        child.block_hashes = list(parent.block_hashes[:full])
+        if full < len(parent.block_table):
+            needed = len(parent.block_table) - full
+            if needed > len(self.free_blocks):
+                raise RuntimeError("out of KV blocks")
+            for src in parent.block_table[full:]:
+                dst, _ = self.free_blocks.popitem(last=False)
+                self._evict(dst)
+                self.ref_counts[dst] = 1
+                copy_block(src, dst)
+                child.block_table.append(dst)
+        child.num_computed_tokens = parent.num_computed_tokens
+
     # -- prefix caching ----------------------------------------------------------------------------------
 
     def take_cached_prefix(self, seq: Sequence) -> int:

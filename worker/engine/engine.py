@@ -12,6 +12,7 @@ sequence that reached its end -> detokenize and check stop conditions -> free wh
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +24,10 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
 from worker.engine.model_runner import ModelRunner
-from worker.engine.sampler import Sampler, TokenLogprobs
+from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import ScheduledBatch, Scheduler
-from worker.engine.sequence import FinishReason, Sequence, SequenceStatus
+from worker.engine.sequence import FinishReason, Sequence, SequenceStatus, sample_key
 from worker.engine.step_inputs import StepPlan, plan_step
 from worker.engine.tokenizer import load_tokenizer
 
@@ -39,6 +40,7 @@ class RequestOutput:
     new_token_ids: list[int]
     text: str  # whole characters only; may be empty
     finished: bool
+    index: int = 0  # the sample (sampling.n > 1)
     finish_reason: FinishReason | None = None
     # The stop string that ended the generation (STOP_SEQUENCE); "" otherwise, also when a stop token id
     # ended it (reported as EOS: the protocol has no stop-token reason, and the token is not in the text).
@@ -89,7 +91,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler(self.runner.device, self.eos_token_id)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # by Sequence.key
+        self.forks: dict[str, int] = {}  # first sample's key -> samples it forks into after its prefill
         self.step_timing = StepTiming()
 
     @property
@@ -109,15 +112,26 @@ class LLMEngine:
         params: SamplingParams,
         generated_token_ids: list[int] | None = None,
         sent_text: str = "",
+        n: int = 1,
+        index: int = 0,
     ) -> None:
         """Queue a request. Raises ValueError if it can never run (too long, bad token ids, duplicate id).
 
         To continue a generation another engine started (its worker died), pass the tokens it had already
         delivered and the text the client has received: they are prefilled with the prompt, count towards
         max_new_tokens and sampling resumes at the next token index (same seed, same draws), and the text
-        continues where the client's stops."""
-        if request_id in self.sequences:
+        continues where the client's stops.
+
+        n > 1 asks for n samples of the prompt: one sequence prefills it, and when its first token is sampled
+        it forks into n (see _fork), which share the prompt's KV blocks. `index` names one sample of such a
+        request when samples are added on their own (a continuation)."""
+        key = sample_key(request_id, index)
+        if key in self.sequences:
             raise ValueError(f"request {request_id!r} is already in the engine")
+        if n < 1 or (n > 1 and (index or generated_token_ids)):
+            raise ValueError("n must be >= 1; samples of a continuation are added one index at a time")
+        if index:  # sample `index` of a request draws with its own seed, as when it was forked (see _fork)
+            params = dataclasses.replace(params, seed=sample_seed(params.seed, index), prompt_logprobs=False)
         if not prompt_token_ids:
             raise ValueError("empty prompt")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
@@ -142,7 +156,7 @@ class LLMEngine:
             self.config.detokenizer_context_tokens,
             include_stop=params.include_stop_sequence,
         )
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok, index=index)
         if params.prompt_logprobs and not generated_token_ids:  # a continuation's client already has them
             seq.prompt_logprobs = []
         if generated_token_ids:
@@ -150,17 +164,22 @@ class LLMEngine:
                 raise ValueError(f"generated token ids must be in [0, {self.vocab_size})")
             seq.token_ids.extend(generated_token_ids)
             detok.replay(generated_token_ids, sent_text)
-        self.sequences[request_id] = seq
+        self.sequences[key] = seq
+        if n > 1:
+            self.forks[key] = n
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
-        seq = self.sequences.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.finish(seq)
-        seq.finish_reason = FinishReason.ABORTED
-        return self._output(seq, [], [], "")
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now (every sample of it) and free its blocks; returns the final output of each
+        sample still running (empty if none)."""
+        self.forks.pop(request_id, None)
+        outputs = []
+        for seq in [s for s in self.sequences.values() if s.request_id == request_id]:
+            del self.sequences[seq.key]
+            self.scheduler.finish(seq)
+            seq.finish_reason = FinishReason.ABORTED
+            outputs.append(self._output(seq, [], [], ""))
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -214,9 +233,12 @@ class LLMEngine:
             self.block_manager.register_full_blocks(seq)
         now = time.time()
         outputs = []
-        for seq, token_id, logprobs in zip(sampled, result.token_ids, result.logprobs, strict=True):
+        for row, (seq, token_id, logprobs) in enumerate(zip(sampled, result.token_ids, result.logprobs, strict=True)):
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            n = self.forks.pop(seq.key, 1) if seq.num_generated_tokens == 0 else 1
+            if n > 1:
+                outputs.extend(self._fork(seq, n, logits[row]))
             outputs.append(self._append_token(seq, token_id, logprobs))
         timing = self.step_timing
         timing.steps += 1
@@ -280,16 +302,46 @@ class LLMEngine:
         if seq.finish_reason is not None:
             seq.stop_sequence = stop_sequence
             self.scheduler.finish(seq)
-            del self.sequences[seq.request_id]
+            del self.sequences[seq.key]
         out = self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
         if seq.prompt_logprobs is not None:  # the request's first output
             out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return out
 
+    def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[RequestOutput]:
+        """The first sample has just prefilled the prompt: make samples 1..n-1, sharing its KV blocks (the
+        partly filled last one copied), each drawing its first token from the same logits with its own seed."""
+        children = []
+        for index in range(1, n):
+            params = dataclasses.replace(
+                first.params, seed=sample_seed(first.params.seed, index), prompt_logprobs=False
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer, first.token_ids, params.stop, self.config.detokenizer_context_tokens,
+                include_stop=params.include_stop_sequence,
+            )  # fmt: skip
+            child = Sequence(
+                first.request_id, list(first.token_ids), first.num_prompt_tokens, params, detok, index=index
+            )
+            child.first_scheduled_time, child.first_token_time = first.first_scheduled_time, first.first_token_time
+            self.block_manager.fork(first, child, self.runner.copy_block)
+            self.scheduler.adopt(child)
+            self.sequences[child.key] = child
+            children.append(child)
+        result = self.sampler(
+            logits.unsqueeze(0).expand(len(children), -1), [c.params for c in children], [0] * len(children),
+            [c.token_ids for c in children],
+        )  # fmt: skip
+        return [
+            self._append_token(child, token_id, logprobs)
+            for child, token_id, logprobs in zip(children, result.token_ids, result.logprobs, strict=True)
+        ]
+
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs], text: str) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
+            index=seq.index,
             new_token_ids=token_ids,
             text=text,
             finished=seq.status is SequenceStatus.FINISHED,

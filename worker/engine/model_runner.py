@@ -155,6 +155,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block (all layers): a sample forked from another gets its own last block."""
+        for k, v in zip(self.k_caches, self.v_caches, strict=True):
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
+
     # -- one step ----------------------------------------------------------------------------------------
 
     def run(self, plan: StepPlan, extra_rows: Sequence[int] = ()) -> torch.Tensor:

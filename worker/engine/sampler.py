@@ -46,6 +46,11 @@ _COLUMN_MIX = 0x27D4EB2D
 _HASH_MUL = 0x045D9F3B
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request (sampling.n > 1): sample 0 keeps the request's own."""
+    return seed if index == 0 else mix_seed(seed, -1 - index) & _MASK64
+
+
 def mix_seed(seed: int, step: int) -> int:
     """splitmix64 of (seed, step): a well-spread key for each (request, generated token index)."""
     z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64

@@ -11,6 +11,10 @@ from worker.engine.sampler import TokenLogprobs
 from worker.engine.sampling_params import SamplingParams
 
 
+def sample_key(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}" if index else request_id
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"  # has KV blocks; being prefilled or decoded
@@ -33,6 +37,8 @@ class Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.time)
+    # Which of the request's samples this is (sampling.n > 1): 0 for the first, which prefills the prompt.
+    index: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     # Tokens whose K/V are in the cache. Less than len(token_ids) while (chunked) prefill is under way or
     # after a preemption; len(token_ids) - 1 in steady decode (the last sampled token is not yet fed).
@@ -50,6 +56,11 @@ class Sequence:
     # With params.prompt_logprobs: entry i is prompt token i + 1's log-probability, filled as the prompt is
     # prefilled (chunk by chunk); None once handed out with the first output (or when not wanted).
     prompt_logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique within the engine: the request id, plus the sample index for samples after the first."""
+        return sample_key(self.request_id, self.index)
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The `codestream` command: serve | gateway | worker | generate."""
+"""The `codestream` command: serve | gateway | worker | generate | infill | chat."""
 
 from __future__ import annotations
 
@@ -31,10 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     from codestream import client
 
     gen = commands.add_parser("generate", help="stream a completion from a running gateway")
-    client.add_arguments(gen)
+    client.add_arguments(gen, "generate")
+    fill = commands.add_parser("infill", help="stream the middle between --prefix and --suffix (Code Llama)")
+    client.add_arguments(fill, "infill")
+    chat = commands.add_parser("chat", help="chat with an Instruct checkpoint (its chat template)")
+    client.add_arguments(chat, "chat")
 
     args = parser.parse_args(argv)
-    if args.command == "generate":
+    if args.command in client.RPCS:
         return client.run(args)
 
     from codestream import logs

@@ -1,4 +1,4 @@
-"""`codestream generate`: stream a completion to stdout as it arrives."""
+"""`codestream generate | infill | chat`: stream a completion to stdout as it arrives."""
 
 from __future__ import annotations
 
@@ -14,8 +14,18 @@ from google.protobuf.json_format import MessageToDict
 from protos import api, api_grpc
 
 
-def build_request(args: argparse.Namespace) -> api.GenerateRequest:
-    request = api.GenerateRequest(prompt=args.prompt)
+def build_request(args: argparse.Namespace) -> api.GenerateRequest | api.InfillRequest | api.ChatRequest:
+    """The request for the command (generate, infill, chat), with the options they share."""
+    if args.command == "infill":
+        order = api.InfillRequest.ORDER_SUFFIX_PREFIX_MIDDLE if args.suffix_first else 0
+        request = api.InfillRequest(prefix=args.prefix, suffix=args.suffix, order=order)
+    elif args.command == "chat":
+        messages = [api.ChatMessage(role="system", content=args.system)] if args.system else []
+        for i, content in enumerate(args.message):
+            messages.append(api.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=content))
+        request = api.ChatRequest(messages=messages)
+    else:
+        request = api.GenerateRequest(prompt=args.prompt)
     if args.request_id:
         request.request_id = args.request_id
     if args.temperature is not None:
@@ -23,12 +33,9 @@ def build_request(args: argparse.Namespace) -> api.GenerateRequest:
         request.sampling.do_sample = args.temperature > 0
     if args.do_sample is not None:
         request.sampling.do_sample = args.do_sample
-    if args.top_p is not None:
-        request.sampling.top_p = args.top_p
-    if args.top_k is not None:
-        request.sampling.top_k = args.top_k
-    if args.seed is not None:
-        request.sampling.seed = args.seed
+    for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed", "n"):
+        if getattr(args, name) is not None:
+            setattr(request.sampling, name, getattr(args, name))
     if args.max_new_tokens is not None:
         request.stopping.max_new_tokens = args.max_new_tokens
     request.stopping.stop.extend(args.stop or [])
@@ -38,18 +45,35 @@ def build_request(args: argparse.Namespace) -> api.GenerateRequest:
     return request
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="prompt text")
+RPCS = {"generate": "GenerateStream", "infill": "Infill", "chat": "Chat"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "generate") -> None:
+    if command == "infill":
+        parser.add_argument("--prefix", required=True, help="code before the hole")
+        parser.add_argument("--suffix", default="", help="code after the hole")
+        parser.add_argument("--suffix-first", action="store_true", help="suffix-prefix-middle order")
+    elif command == "chat":
+        parser.add_argument("message", nargs="+", help="the conversation: user, assistant, user... (last: user)")
+        parser.add_argument("--system", default="", help="system prompt")
+    else:
+        parser.add_argument("prompt", help="prompt text")
     parser.add_argument("--target", default="localhost:50051", help="gateway host:port")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--temperature", type=float, help="> 0 samples (sets do_sample); 0 is greedy")
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("-n", type=int, dest="n", help="number of samples (streamed with their index)")
     parser.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--full-text", action="store_true", help="print the prompt before the completion")
+    if command != "infill":
+        parser.add_argument("--full-text", action="store_true", help="print the prompt before the completion")
+    else:
+        parser.set_defaults(full_text=False)
     parser.add_argument("--request-id", default="")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline of the call, seconds")
     parser.add_argument("--json", action="store_true", help="print every event as a JSON line")
@@ -116,12 +140,15 @@ def run(args: argparse.Namespace) -> int:
     with channel:
         stub = api_grpc.CodeStreamStub(channel)
         try:
-            for event in stub.GenerateStream(request, timeout=args.timeout, metadata=call_metadata(api_key(args))):
+            rpc = getattr(stub, RPCS[args.command])
+            for event in rpc(request, timeout=args.timeout, metadata=call_metadata(api_key(args))):
                 if args.json:
                     print(json.dumps(MessageToDict(event)), flush=True)
                     continue
                 if event.HasField("tokens"):
                     first_token = first_token or time.perf_counter()
+                    if getattr(args, "n", None) and args.n > 1:
+                        sys.stdout.write(f"[{event.index}]")
                     sys.stdout.write(event.tokens.text)
                     sys.stdout.flush()
                 elif event.HasField("finished"):

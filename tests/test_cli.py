@@ -85,6 +85,15 @@ def test_serve_then_generate(demo_model_dir: Path):
             timeout=60,
         )
         assert plain.returncode == 0 and "seed 3" in plain.stderr
+        infill = subprocess.run(
+            [*CLI, "infill", "--prefix", "def add(a, b):\n    ", "--suffix", "\n    return c", "--target",
+             f"localhost:{port}", "--max-new-tokens", "4", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert infill.returncode == 0, infill.stderr
+        assert "finished" in json.loads(infill.stdout.splitlines()[-1])
+        chat = subprocess.run([*CLI, "chat", "hello", "--target", f"localhost:{port}"], capture_output=True, text=True)
+        assert chat.returncode == 1 and "FAILED_PRECONDITION" in chat.stderr  # the demo model has no template
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0

@@ -27,12 +27,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from protos import api, bus
 from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
-from worker import events
 from worker.emitter import Emitter
-from worker.engine import LLMEngine, RequestOutput, SamplingParams
+from worker.engine import LLMEngine, RequestOutput
+from worker.jobs import JobBook
 from worker.leases import Claimed, Leases
 from worker.metrics import WorkerMetrics
-from worker.state import Outbox, Running
+from worker.state import Outbox, Running, engine_params
 
 log = structlog.get_logger("worker")
 
@@ -60,19 +60,24 @@ class Worker:
         self.lease_s = lease_s
         self.leases = Leases(redis, keys, worker_id, lease_s, max_deliveries)
         self.emitter = Emitter(redis, keys, event_log_ttl_s)
-        self.requests: dict[str, Running] = {}  # taken from the stream, not yet finished
+        self.book = JobBook()  # the jobs taken, and their outcomes
         self._to_add: list[Running] = []
         self._to_abort: dict[str, int] = {}  # request id -> api.StopReason, or DROP
         self._wake = asyncio.Event()
-        self._capacity = asyncio.Event()
         self._draining = False
         self._publishing: asyncio.Task | None = None
         # Jobs held at once: enough to keep a full batch plus a queue behind it.
         self.max_taken = 2 * engine.config.max_num_seqs
-        # Lifetime counts by outcome (jobs taken, finished by stop reason, fenced, reclaimed...).
-        self.counts: Counter[str] = Counter()
         self.tasks: list[asyncio.Task] = []
         self.metrics = WorkerMetrics(self)
+
+    @property
+    def requests(self) -> dict[str, Running]:
+        return self.book.requests
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.book.counts
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -115,8 +120,7 @@ class Worker:
 
     async def _drained(self) -> None:
         while self.requests:
-            self._capacity.clear()
-            await self._capacity.wait()
+            await self.book.freed()
 
     async def _hand_back_all(self) -> None:
         """Past the grace period: stop the remaining jobs here without a final event and let other workers
@@ -144,8 +148,7 @@ class Worker:
 
     async def _room(self) -> int:
         while (room := self.max_taken - len(self.requests)) <= 0:
-            self._capacity.clear()
-            await self._capacity.wait()
+            await self.book.freed()
         return room
 
     async def _intake(self) -> None:
@@ -215,7 +218,7 @@ class Worker:
             await self.leases.dead_letter(claimed.job_bytes, claimed.entry_id, claimed.deliveries, reason)
             outbox = Outbox()
             req.seq = max(await self.emitter.claim(rid, req.attempt), 0)
-            self._fail(req, outbox, grpc.StatusCode.ABORTED, f"the job failed on {claimed.deliveries - 1} workers")
+            self.book.fail(req, outbox, grpc.StatusCode.ABORTED, f"the job failed on {claimed.deliveries - 1} workers")
             await self._emit(outbox)
             self.counts["dead_lettered"] += 1
             return None
@@ -223,17 +226,8 @@ class Worker:
         if last_seq < 0:
             return None  # a newer attempt runs it
         req.seq = last_seq
-        for _entry_id, fields in await self.redis.xrange(self.keys.event_log(rid), "-", f"{last_seq}-0"):
-            event = api.GenerateEvent.FromString(fields[EVENT_FIELD])
-            sample = req.samples.setdefault(event.index, type(req.samples[0])())
-            if event.HasField("tokens"):
-                sample.generated.extend(event.tokens.token_ids)
-                sample.sent_text += event.tokens.text
-            elif event.HasField("finished"):
-                sample.finished = True
-            elif event.HasField("error"):
-                sample.finished = True
-                req.samples = {i: s for i, s in req.samples.items() if s.finished}
+        logged = await self.redis.xrange(self.keys.event_log(rid), "-", f"{last_seq}-0")
+        req.restore(api.GenerateEvent.FromString(fields[EVENT_FIELD]) for _entry_id, fields in logged)
         if not req.unfinished:
             await self.redis.xack(self.keys.jobs, self.keys.worker_group, claimed.entry_id)
             return None  # it had finished; only the acknowledgement was missing
@@ -245,18 +239,19 @@ class Worker:
         """Refuse the unservable, drop the cancelled and expired, queue the rest for the engine."""
         outbox = Outbox()
         for req in taken:
-            self.counts["taken"] += 1
-            self.requests[req.request_id] = req  # from here on, a cancel notice finds it
+            self.book.take(req)  # from here on, a cancel notice finds it
         flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in taken])
         now_ms = time.time() * 1000
         for req, cancel_flag in zip(taken, flags, strict=True):
             job = req.job
             if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
-                self._finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
+                self.book.finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
             elif cancel_flag is not None:
-                self._finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
+                self.book.finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
             elif job.tokenizer_fingerprint and job.tokenizer_fingerprint != self.fingerprint:
-                self._fail(req, outbox, grpc.StatusCode.FAILED_PRECONDITION, "the worker serves a different tokenizer")
+                self.book.fail(
+                    req, outbox, grpc.StatusCode.FAILED_PRECONDITION, "the worker serves a different tokenizer"
+                )
             else:
                 self._to_add.append(req)
         if outbox:
@@ -320,7 +315,7 @@ class Worker:
                     log.exception("engine_step_failed")
                     outputs = await self._isolate_failure(outbox)
                 for out in outputs:
-                    self._collect(out, outbox)
+                    self.book.collect(out, outbox)
             if outbox:
                 previous = self._publishing
                 self._publishing = asyncio.create_task(self._publish(outbox, after=previous))
@@ -349,22 +344,13 @@ class Worker:
                 self.engine.abort_request(req.request_id)
                 log.error("poison_request", request_id=req.request_id, error=repr(exc))
                 self.counts["poisoned"] += 1
-                self._fail(req, outbox, grpc.StatusCode.INTERNAL, f"the engine failed on this request: {exc}")
+                self.book.fail(req, outbox, grpc.StatusCode.INTERNAL, f"the engine failed on this request: {exc}")
                 with contextlib.suppress(RedisError, OSError):
                     await self.leases.dead_letter(req.job_bytes, req.entry_id, req.attempt, repr(exc))
         return outputs
 
     def _add_to_engine(self, req: Running) -> None:
-        p = req.job.params
-        params = SamplingParams(
-            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, max_new_tokens=p.max_new_tokens,
-            stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs, min_p=p.min_p,
-            typical_p=p.typical_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
-            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            logit_bias=tuple(sorted(p.logit_bias.items())), min_new_tokens=p.min_new_tokens,
-            stop_token_ids=tuple(p.stop_token_ids), include_stop_sequence=p.include_stop_sequence,
-            prompt_logprobs=p.prompt_logprobs and not req.started,
-        )  # fmt: skip
+        params = engine_params(req.job.params, prompt_logprobs=req.job.params.prompt_logprobs and not req.started)
         prompt = list(req.job.prompt_token_ids)
         if not req.started:
             self.engine.add_request(req.request_id, prompt, params, n=len(req.samples))
@@ -387,7 +373,7 @@ class Worker:
             try:
                 self._add_to_engine(req)
             except ValueError as exc:
-                self._fail(req, outbox, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                self.book.fail(req, outbox, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def _apply_aborts(self, outbox: Outbox) -> None:
         aborts, self._to_abort = self._to_abort, {}
@@ -397,11 +383,11 @@ class Worker:
                 continue
             outs = self.engine.abort_request(rid)
             if reason == DROP:
-                self._forget(req)
+                self.book.forget(req)
             elif not outs:  # not in the engine yet
-                self._finish_unstarted(req, outbox, reason)
+                self.book.finish_unstarted(req, outbox, reason)
             else:
-                self._end_samples(req, outbox, reason, outs)
+                self.book.end_samples(req, outbox, reason, outs)
 
     def _expire(self, outbox: Outbox) -> None:
         now_ms = time.time() * 1000
@@ -410,52 +396,6 @@ class Worker:
                 self._to_abort[rid] = api.STOP_REASON_DEADLINE
         if self._to_abort:
             self._apply_aborts(outbox)
-
-    def _collect(self, out: RequestOutput, outbox: Outbox) -> None:
-        req = self.requests.get(out.request_id)
-        if req is None:
-            return
-        if out.new_token_ids or out.text:
-            self.counts["generated_tokens"] += len(out.new_token_ids)
-            sample = req.samples[out.index]
-            sample.generated.extend(out.new_token_ids)
-            sample.sent_text += out.text
-            outbox.add(req, events.token_chunk(req.request_id, req.next_seq(), out))
-        if out.finished:
-            self._end_samples(req, outbox, events.STOP_REASONS[out.finish_reason], [out])
-
-    def _end_samples(self, req: Running, outbox: Outbox, stop_reason: int, outs: list[RequestOutput]) -> None:
-        """Finished events for these samples; the job ends (and is acknowledged) with its last sample."""
-        for out in outs:
-            req.samples[out.index].finished = True
-            self.counts[api.StopReason.Name(stop_reason)] += 1
-            done = not req.unfinished
-            log.info(
-                "request_finished", request_id=req.request_id, index=out.index, reason=api.StopReason.Name(stop_reason),
-                generated_tokens=out.num_generated_tokens, traceparent=req.job.traceparent or None,
-            )  # fmt: skip
-            outbox.add(req, events.finished(req.job, req.next_seq(), stop_reason, out=out), final=done)
-        if not req.unfinished:
-            self._forget(req)
-
-    def _finish_unstarted(self, req: Running, outbox: Outbox, stop_reason: int) -> None:
-        self.counts[f"{api.StopReason.Name(stop_reason)}_before_start"] += 1
-        log.info("request_finished", request_id=req.request_id, reason=api.StopReason.Name(stop_reason), started=False)
-        indices = req.unfinished
-        for index in indices:
-            event = events.finished(req.job, req.next_seq(), stop_reason, index=index)
-            outbox.add(req, event, final=index == indices[-1])
-        self._forget(req)
-
-    def _fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:
-        log.warning("request_failed", request_id=req.request_id, code=code.name, message=message)
-        self.counts[f"failed_{code.name}"] += 1
-        outbox.add(req, events.error(req.request_id, req.next_seq(), code, message), final=True)
-        self._forget(req)
-
-    def _forget(self, req: Running) -> None:
-        self.requests.pop(req.request_id, None)
-        self._capacity.set()
 
     # -- publishing --------------------------------------------------------------------------------------
 

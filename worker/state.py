@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from protos import api, bus
 from worker.emitter import Emission
+from worker.engine import SamplingParams
 
 
 @dataclass
@@ -45,9 +47,36 @@ class Running:
     def unfinished(self) -> list[int]:
         return [i for i, s in self.samples.items() if not s.finished]
 
+    def restore(self, logged: Iterable[api.GenerateEvent]) -> None:
+        """What an earlier attempt delivered, from the request's event log: each sample's tokens and text,
+        and which samples finished (an error ends them all)."""
+        for event in logged:
+            sample = self.samples.setdefault(event.index, Sample())
+            if event.HasField("tokens"):
+                sample.generated.extend(event.tokens.token_ids)
+                sample.sent_text += event.tokens.text
+            elif event.HasField("finished"):
+                sample.finished = True
+            elif event.HasField("error"):
+                for s in self.samples.values():
+                    s.finished = True
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+
+def engine_params(p: bus.ResolvedParams, prompt_logprobs: bool) -> SamplingParams:
+    """The job's resolved parameters as the engine takes them."""
+    return SamplingParams(
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, max_new_tokens=p.max_new_tokens,
+        stop=tuple(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs, min_p=p.min_p,
+        typical_p=p.typical_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())), min_new_tokens=p.min_new_tokens,
+        stop_token_ids=tuple(p.stop_token_ids), include_stop_sequence=p.include_stop_sequence,
+        prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
 
 
 @dataclass

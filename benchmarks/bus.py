@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {**DEFAULTS, "streams": 32, "tokens": 100, "latency_streams": 4, "latency_tokens": 50}
 
+STAMP_DIGITS = 20
 PROMPT = "x"  # 2 tokens with BOS: leaves nearly all of the demo model's 2048-token context to max_new_tokens
 DEMO_CONTEXT = 2048
 TOKEN_ID = 42  # the id every chunk carries (the gateway strips ids unless the client asks for them)
@@ -310,6 +311,7 @@ def summarize(
         latencies.frombytes(res.latencies_ms)
         open_ms.frombytes(res.open_ms)
     token_events = sum(res.token_events for res in client_results)
+    token_messages = sum(res.token_messages for res in client_results)
     got = [res for res in client_results if res.token_events]
     window_s = (max(r.last_token_ns for r in got) - min(r.first_token_ns for r in got)) / 1e9 if got else 0.0
     wall_s = (max(res.done_ns for res in client_results) - start_ns) / 1e9
@@ -324,6 +326,8 @@ def summarize(
         "error_samples": sorted(set(errors))[:5],
         "errors_after_s": _span([t for res in client_results for t in res.error_after_s]),
         "token_events": token_events,
+        # gRPC messages that carried them: fewer than events when the gateway merged chunks for slow readers.
+        "token_messages": token_messages,
         # From the first token event any client received to the last: the relay rate, without the
         # opening of the streams.
         "window_s": round(window_s, 3),
@@ -424,7 +428,7 @@ def _worker_main(
         done: list[bytes] = []
         # Taken before the step's events are built: microseconds before the PUBLISH at low load; under
         # load the build (~µs per event) counts as part of the hop.
-        stamp = str(time.time_ns())
+        stamp = f"{time.time_ns():0{STAMP_DIGITS}d}"  # fixed width: merged chunks concatenate their stamps
         for rid, s in list(active.items()):
             events = batches[s.job.reply_channel]
             events.append(s.event(tokens=api.TokenChunk(token_ids=[TOKEN_ID], text=stamp)))
@@ -471,6 +475,7 @@ class ClientResult:
     errors: list[str] = field(default_factory=list)
     error_after_s: list[float] = field(default_factory=list)  # when each failed stream ended, from the start
     token_events: int = 0
+    token_messages: int = 0  # gRPC messages that carried them (the gateway merges chunks for a slow reader)
     first_token_ns: int = 0  # time.time_ns() of the first token event this process received
     last_token_ns: int = 0
     done_ns: int = 0  # when the last of this process's streams ended
@@ -547,22 +552,28 @@ async def _one_stream(
         kind = event.WhichOneof("event")
         if finished is not None:
             raise StreamError(f"{kind} event after Finished")
-        if event.seq != expected_seq:
-            raise StreamError(f"seq {event.seq}, expected {expected_seq}")
+        first_seq = event.first_seq or event.seq  # a merged chunk covers first_seq..seq
+        if first_seq != expected_seq or event.seq < first_seq:
+            raise StreamError(f"seqs {first_seq}..{event.seq}, expected {expected_seq}")
         if expected_seq == 0:
             if kind != "queued":
                 raise StreamError(f"first event is {kind}, not queued")
             open_ms.append((time.monotonic() - called) * 1000)
         elif kind == "tokens":
-            latencies.append((received_ns - int(event.tokens.text)) / 1e6)
-            result.token_events += 1
+            text = event.tokens.text
+            stamps = [int(text[i : i + STAMP_DIGITS]) for i in range(0, len(text), STAMP_DIGITS)]
+            if len(stamps) != event.seq - first_seq + 1:
+                raise StreamError(f"chunk {first_seq}..{event.seq} holds {len(stamps)} steps' text")
+            latencies.extend((received_ns - stamp) / 1e6 for stamp in stamps)
+            result.token_events += len(stamps)
+            result.token_messages += 1
             result.first_token_ns = result.first_token_ns or received_ns
             result.last_token_ns = received_ns
         elif kind == "finished":
             finished = event.finished
         else:
             raise StreamError(f"unexpected {kind} event at seq {event.seq}")
-        expected_seq += 1
+        expected_seq = event.seq + 1
     if finished is None:
         raise StreamError("the stream ended without Finished")
     if expected_seq != tokens + 2 or finished.generated_tokens != tokens:
@@ -623,7 +634,9 @@ class _FloorServicer(api_grpc.CodeStreamServicer):
         n = request.stopping.max_new_tokens
         yield api.GenerateEvent(request_id=rid, queued=api.Queued(prompt_tokens=2))
         for seq in range(1, n + 1):
-            yield api.GenerateEvent(request_id=rid, seq=seq, tokens=api.TokenChunk(text=str(time.time_ns())))
+            yield api.GenerateEvent(
+                request_id=rid, seq=seq, tokens=api.TokenChunk(text=f"{time.time_ns():0{STAMP_DIGITS}d}")
+            )
         finished = api.Finished(stop_reason=api.STOP_REASON_LENGTH, prompt_tokens=2, generated_tokens=n)
         yield api.GenerateEvent(request_id=rid, seq=n + 1, finished=finished)
 
@@ -822,7 +835,7 @@ def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"\nbus: one gateway, Redis {report['redis_version']}, {m['cpus']} CPUs ({m['cpu_model']}), no model")
     print(
-        f"{'phase':<11}{'streams':>8}{'tokens':>7}{'ok':>6}{'errors':>7}{'events':>9}{'events/s':>10}"
+        f"{'phase':<11}{'streams':>8}{'tokens':>7}{'ok':>6}{'errors':>7}{'events':>9}{'messages':>9}{'events/s':>10}"
         f"{'server CPU s':>14}{'events/CPU-s':>14}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}"
     )
     for p in report["phases"]:
@@ -830,7 +843,7 @@ def print_report(report: dict[str, Any]) -> None:
         lat = [f"{p['latency_ms'][k]:>8.2f}" for k in ("p50", "p90", "p99")] if p["interval_ms"] else [f"{'-':>8}"] * 3
         print(
             f"{p['name']:<11}{p['streams']:>8}{p['tokens']:>7}{p['streams_completed']:>6}{p['errors']:>7}"
-            f"{p['token_events']:>9}{p['events_per_s']:>10,}{p['cpu_s'][p['server']]:>14.2f}"
+            f"{p['token_events']:>9}{p['token_messages']:>9}{p['events_per_s']:>10,}{p['cpu_s'][p['server']]:>14.2f}"
             f"{p['events_per_server_cpu_s']:>14,}{''.join(lat)}"
         )
     print("server: the gateway process; for grpc-floor, a bare grpc.aio server (no Redis, no gateway logic)")

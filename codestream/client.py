@@ -48,6 +48,17 @@ def build_request(args: argparse.Namespace) -> api.GenerateRequest | api.InfillR
 RPCS = {"generate": "GenerateStream", "infill": "Infill", "chat": "Chat"}
 
 
+def covered_seqs(event: api.GenerateEvent) -> range:
+    """The worker's seqs an event stands for: one, or several when the gateway merged token chunks that were
+    waiting for a slow reader. A stream's events cover 0 (Queued), 1, 2, ... with no gap and no repeat."""
+    return range(event.first_seq or event.seq, event.seq + 1)
+
+
+def seqs(events: list[api.GenerateEvent]) -> list[int]:
+    """Every seq a list of events covers, in order."""
+    return [s for event in events for s in covered_seqs(event)]
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str = "generate") -> None:
     if command == "infill":
         parser.add_argument("--prefix", required=True, help="code before the hole")

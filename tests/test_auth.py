@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from codestream import cli
+from codestream.client import seqs
 from codestream.redis_server import free_port, server_binary
 from gateway import auth
 from gateway.auth import ApiKeys, KeyFileError, current_tenant, parse_keys, server_credentials
@@ -426,7 +427,7 @@ async def test_a_stream_never_crosses_tenants(redis_url: str, demo_model_dir: Pa
         err = await stream_error(stack.stub.Resume(api.ResumeRequest(request_id=assigned), metadata=bearer(KEY_B)))
         assert err.code() == grpc.StatusCode.NOT_FOUND
         again = [e async for e in stack.stub.Resume(api.ResumeRequest(request_id=assigned), metadata=bearer(KEY_A))]
-        assert [e.seq for e in again] == [e.seq for e in done[1:]]
+        assert seqs(again) == seqs(done[1:])
 
 
 def short_of(request: api.GenerateRequest) -> api.GenerateRequest:

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from codestream.client import seqs
 from protos import api
 from tests.conftest import running_stack
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
@@ -56,7 +57,7 @@ def check_stream_shape(events: list[api.GenerateEvent]) -> tuple[list[int], str,
     """Queued (seq 0), token chunks and one Finished, seq contiguous from 1; returns ids, text, finished."""
     assert events[0].HasField("queued") and events[0].seq == 0
     assert events[-1].HasField("finished")
-    assert [e.seq for e in events[1:]] == list(range(1, len(events))), "seq must be contiguous from 1"
+    assert seqs(events) == list(range(events[-1].seq + 1)), "seqs must cover 0, 1, 2... with no gap"
     assert all(e.HasField("tokens") for e in events[1:-1])
     assert len({e.request_id for e in events}) == 1
     ids = [t for e in events[1:-1] for t in e.tokens.token_ids]
@@ -351,7 +352,7 @@ async def test_n_samples_stream_with_their_index(redis_url: str, demo_model_dir:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stack.stub.Generate(request)
         assert info.value.details().startswith("sampling.n: ")
-    assert [e.seq for e in events] == list(range(len(events)))
+    assert seqs(events) == list(range(events[-1].seq + 1))
     finished = [e for e in events if e.HasField("finished")]
     assert sorted(e.index for e in finished) == [0, 1, 2] and events[-1].HasField("finished")
     per_index: dict[int, list[int]] = {}
@@ -360,3 +361,31 @@ async def test_n_samples_stream_with_their_index(redis_url: str, demo_model_dir:
             per_index.setdefault(e.index, []).extend(e.tokens.token_ids)
     assert all(len(per_index[i]) == 6 for i in range(3))
     assert len({f.finished.seed for f in finished}) == 3
+
+
+async def test_chunks_waiting_for_a_slow_reader_merge_into_one_event_in_order(redis_url: str, demo_model_dir: Path):
+    from gateway.validation import resolve
+
+    request = greedy_request("def merge(a, b):", 24, ignore_eos=True)
+    request.response.logprobs = 2
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        live = await collect(stack.stub, request)  # a client that keeps up (mostly one event per step)
+        generations = stack.gateway.generations
+        generation = await generations.open(resolve(request, generations.card, generations.config), timeout_s=60)
+        try:
+            # Read nothing until the worker has sent everything: all of it waits in the inbox.
+            deadline = time.monotonic() + 30
+            while generation.inbox.queue.qsize() < 25 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert generation.inbox.queue.qsize() == 25  # 24 one-token chunks + Finished
+            slow = [e async for e in generation.events()]
+        finally:
+            generation.close()
+    assert len(slow) == 3  # Queued, one chunk holding all 24 steps, Finished
+    merged = slow[1].tokens
+    assert (slow[1].first_seq, slow[1].seq, slow[2].seq) == (1, 24, 25)
+    assert seqs(slow) == seqs(live) == list(range(26))
+    assert list(merged.token_ids) == [t for e in live for t in e.tokens.token_ids]
+    assert merged.text == "".join(e.tokens.text for e in live)
+    assert list(merged.logprobs) == [lp for e in live for lp in e.tokens.logprobs]
+    assert generation.merged_events == 23

@@ -162,10 +162,11 @@ class ResponseOptions(_message.Message):
     def __init__(self, return_full_text: bool = ..., return_token_ids: bool = ..., logprobs: _Optional[int] = ..., prompt_logprobs: bool = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("request_id", "seq", "index", "queued", "tokens", "finished", "error")
+    __slots__ = ("request_id", "seq", "index", "first_seq", "queued", "tokens", "finished", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -173,11 +174,12 @@ class GenerateEvent(_message.Message):
     request_id: str
     seq: int
     index: int
+    first_seq: int
     queued: Queued
     tokens: TokenChunk
     finished: Finished
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., seq: _Optional[int] = ..., index: _Optional[int] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., seq: _Optional[int] = ..., index: _Optional[int] = ..., first_seq: _Optional[int] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("prompt_tokens", "truncated_prompt_tokens")

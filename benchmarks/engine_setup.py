@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from worker.engine.model_runner import random_weight_model
 from worker.engine.tokenizer import load_tokenizer
 
 try:
@@ -117,20 +118,9 @@ def build_model(shape: str, model_path: str, device: torch.device, dtype: torch.
         config = tiny_llama_config(TINY_VOCAB)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    # Built directly on the device (no CPU initialization, nothing written to disk): the default-device
-    # context makes every parameter and buffer (rotary inv_freq included) start life there.
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # transformers initializes Llama this way too; doing it explicitly keeps the weights (and so the greedy
-    # tokens) independent of how a transformers version initializes, and of any uninitialized memory.
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02)
-            else:
-                param.fill_(1.0)  # RMSNorm scales
-    return model.eval()
+    # Built directly on the device (nothing on the CPU, nothing written to disk), as a worker with
+    # --random-weights builds it.
+    return random_weight_model(config, device, dtype)
 
 
 @dataclass

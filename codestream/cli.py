@@ -1,4 +1,4 @@
-"""The `codestream` command: serve | gateway | worker | generate | infill | chat."""
+"""The `codestream` command: serve | gateway | worker | generate | infill | chat | bench."""
 
 from __future__ import annotations
 
@@ -37,9 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="chat with an Instruct checkpoint (its chat template)")
     client.add_arguments(chat, "chat")
 
+    from codestream import bench
+
+    load = commands.add_parser("bench", help="load a running gateway and measure TTFT, TPOT, ITL, throughput")
+    bench.add_arguments(load)
+
     args = parser.parse_args(argv)
     if args.command in client.RPCS:
         return client.run(args)
+    if args.command == "bench":
+        return bench.run(args)
 
     from codestream import logs
 

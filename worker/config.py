@@ -32,5 +32,6 @@ class WorkerConfig:
     lease_s: float = setting(15.0, "a job whose worker has not renewed it for this long is taken over")
     max_deliveries: int = setting(5, "a job delivered more often goes to the dead-letter stream")
     event_log_ttl_s: int = setting(600, "how long a request's events stay in Redis after its last one")
+    random_weights: bool = setting(False, "benchmark stand-in: random weights of the model's config, no weight files")
     fault_poison_token_id: int = setting(-1, "fault injection for tests: the engine fails on this prompt token")
     shutdown_grace_s: float = setting(60.0, "on SIGTERM, how long running requests may take to finish")

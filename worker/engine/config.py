@@ -36,6 +36,8 @@ class EngineConfig:
     fused_kernels: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
+    # Benchmark stand-ins: random weights of the directory's config.json instead of loading weight files.
+    random_weights: bool = False
     # Fault injection for tests: a step whose input contains this token id raises (-1: off).
     fault_poison_token_id: int = -1
     # Prompt tokens the detokenizer looks back on, so the first generated word keeps its leading space.

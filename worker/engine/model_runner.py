@@ -50,7 +50,9 @@ class ModelRunner:
             raise ValueError(
                 f"model type {hf_config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
             )
-        if model is None:
+        if model is None and config.random_weights:
+            model = random_weight_model(hf_config, self.device, self.dtype)
+        elif model is None:
             model = AutoModelForCausalLM.from_pretrained(config.model, dtype=self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.hf_config = hf_config
@@ -190,6 +192,22 @@ class ModelRunner:
             return backend.attend(layer, q, k, v, meta, rotary)
 
         return self.llama(input_ids, positions, attend, sample_indices)
+
+
+def random_weight_model(hf_config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
+    """A model of this configuration with random weights, built on `device` (nothing read or written on disk):
+    a benchmark stand-in that runs at the real checkpoint's speed. Initialized explicitly (normal(0, 0.02),
+    norms 1) so that the tokens do not depend on how a transformers version initializes."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02, generator=generator)
+            else:
+                param.fill_(1.0)  # RMSNorm scales
+    return model.eval()
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:

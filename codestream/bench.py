@@ -119,7 +119,9 @@ async def bench(options: Options) -> dict[str, Any]:
     stubs = [api_grpc.CodeStreamStub(channel) for channel in channels]
     metadata = (("authorization", f"Bearer {options.api_key}"),) if options.api_key else ()
     try:
-        info = await stubs[0].GetModelInfo(api.GetModelInfoRequest(), metadata=metadata, timeout=30)
+        # wait_for_ready: a gateway that is still starting is waited for (up to 60 s), not reported down.
+        request = api.GetModelInfoRequest()
+        info = await stubs[0].GetModelInfo(request, metadata=metadata, timeout=60, wait_for_ready=True)
         prompts = load_prompts(options, info.vocab_size, options.num_prompts, options.seed)
         # Warm-up prompts of their own: the run's prompts must not be in the prefix cache before they are sent.
         warmup = load_prompts(options, info.vocab_size, options.warmup, options.seed + 1) if options.warmup else []

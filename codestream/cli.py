@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", default="demo", help="'demo' (default), a model directory or a hub id")
     serve.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port")
+    serve.add_argument(
+        "--http-port", type=int, default=None,
+        help="HTTP API port (the model card's /score, OpenAI-compatible /v1/...) (env CODESTREAM_HTTP_PORT); 0: off",
+    )  # fmt: skip
     serve.add_argument("--device", default="auto", help="worker device: cuda, cpu or auto")
 
     gw = commands.add_parser("gateway", help="the gRPC gateway alone")

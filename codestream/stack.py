@@ -1,7 +1,7 @@
 """`codestream serve`: the whole stack in one command, as separate processes like in production.
 
     embedded Redis-protocol server  <-  worker process  (engine)
-                                    <-  gateway process (gRPC on --port)
+                                    <-  gateway process (gRPC on --port, HTTP on --http-port)
 
 The model is resolved (the demo model built) once, up front, so both children find it ready. If any
 child exits, the others are stopped; Ctrl-C / SIGTERM drains the gateway, then the worker.
@@ -48,7 +48,9 @@ def serve_stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         children.append(subprocess.Popen([*python, "worker", "--device", args.device], env=env))
-        children.append(subprocess.Popen([*python, "gateway", "--port", str(args.port)], env=env))
+        # Unset, the gateway reads CODESTREAM_HTTP_PORT from the environment it inherits.
+        http = ["--http-port", str(args.http_port)] if args.http_port is not None else []
+        children.append(subprocess.Popen([*python, "gateway", "--port", str(args.port), *http], env=env))
         target = f"localhost:{args.port}"
         if _wait_serving(target, children, lambda: stopping):
             log.info(

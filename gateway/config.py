@@ -18,6 +18,7 @@ class GatewayConfig:
     host: str = setting("0.0.0.0", "gRPC listen address")
     port: int = setting(50051, "gRPC listen port")
     metrics_port: int = setting(9090, "Prometheus metrics HTTP port; 0: off")
+    http_port: int = setting(0, "HTTP API port (the model card's /score, OpenAI-compatible /v1/...), on --host; 0: off")
     max_connection_age_s: float = setting(
         0.0, "close client connections after this long (new ones spread over gateways); 0: never"
     )

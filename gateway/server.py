@@ -3,6 +3,8 @@
 Start-up order matters: subscribe to this gateway's reply channel *before* serving, so that no event of
 an accepted request can arrive unheard. Shutdown: health goes NOT_SERVING (load balancers stop sending),
 new calls are refused, in-flight streams get `shutdown_grace_s` to finish, then the rest are cancelled.
+The HTTP API (`--http-port`, gateway/http/), when on, runs in the same loop on the same Generations and
+drains alongside the gRPC server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from gateway.auth import ApiKeyInterceptor, ApiKeys, load_api_keys, server_credentials
 from gateway.config import GatewayConfig
 from gateway.generations import Generations
+from gateway.http import HttpApi, ssl_context
 from gateway.metrics import GatewayMetrics, MetricsInterceptor
 from gateway.model_card import ModelCard
 from gateway.router import EventRouter
@@ -45,6 +48,8 @@ class Gateway:
     port: int
     gateway_id: str
     api_keys: ApiKeys | None = None  # None: authentication off
+    http: HttpApi | None = None  # None: --http-port 0
+    http_port: int = 0
 
     async def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
         """NOT_SERVING; after `delay_s` (time for load balancers to notice) refuse new calls; give in-flight
@@ -52,9 +57,11 @@ class Gateway:
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         delay = self.config.shutdown_delay_s if delay_s is None else delay_s
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.serving = False  # its /health, as gRPC's health
         if delay > 0:
             await asyncio.sleep(delay)
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         await self.router.stop()
         await self.redis.aclose()
         log.info("gateway_stopped", gateway_id=self.gateway_id)
@@ -111,19 +118,33 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
+    http, http_port = None, 0
+    if config.http_port:
+        # Same Generations (queue, admission, deadlines, cancellation), card, API keys and metrics registry.
+        http = HttpApi(generations, card, config, api_keys)
+        try:
+            http_port = await http.start(config.host, config.http_port, ssl_context(config))
+        except BaseException:
+            await server.stop(0)
+            await router.stop()
+            await redis.aclose()
+            raise
     metrics.serve(config.metrics_port)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "gateway_serving",
         port=port,
+        http_port=http_port or None,
         gateway_id=gateway_id,
         model=card.model_id,
         redis=_safe_url(config),
         tls="mtls" if config.tls_client_ca_file else "tls" if credentials else "off",
         auth="api-keys" if api_keys is not None else "off",
     )
-    return Gateway(config, server, health_servicer, redis, router, generations, port, gateway_id, api_keys)
+    return Gateway(
+        config, server, health_servicer, redis, router, generations, port, gateway_id, api_keys, http, http_port
+    )
 
 
 async def run_gateway(config: GatewayConfig, model_dir: str) -> None:

@@ -110,6 +110,30 @@ def test_long_prompt_does_not_stall_running_decodes(demo_model_dir: Path) -> Non
         assert "short" in produced
 
 
+def test_prefill_takes_a_smaller_share_of_a_step_while_streams_decode(demo_model_dir: Path) -> None:
+    engine = make_engine(
+        demo_model_dir, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=12, max_num_seqs=4, num_blocks=256
+    )
+    tok = engine.tokenizer
+    long_ids = tok.encode(PROMPTS[3]).ids
+    # Idle engine: a prompt gets the whole budget (time to first token).
+    engine.add_request("first", long_ids, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    engine.step()
+    assert engine.sequences["first"].num_computed_tokens == 64
+    while engine.sequences["first"].num_computed_tokens < len(long_ids):
+        engine.step()
+    engine.step()  # "first" decodes from here on
+    engine.add_request("second", list(reversed(long_ids)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    second = engine.sequences["second"]
+    computed = []
+    while second.num_computed_tokens < len(long_ids):
+        produced = {o.request_id for o in engine.step()}
+        assert "first" in produced
+        computed.append(second.num_computed_tokens)
+    chunks = [b - a for a, b in zip([0, *computed], computed, strict=False)]
+    assert max(chunks) == 12 and sum(chunks) == len(long_ids)
+
+
 def test_abort_frees_blocks_and_reports(demo_model_dir: Path) -> None:
     engine = make_engine(demo_model_dir, num_blocks=64)
     tok = engine.tokenizer

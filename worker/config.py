@@ -21,6 +21,9 @@ class WorkerConfig:
     dtype: str = setting("auto", "bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
     max_num_seqs: int = setting(256, "most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, "token budget of one engine step (decode + prefill chunks)")
+    max_prefill_tokens_while_decoding: int = setting(
+        512, "prefill tokens a step may carry while streams are decoding (bounds their ITL spikes); 0: no cap"
+    )
     max_model_len: int = setting(0, "context limit; 0: the model's")
     num_blocks: int = setting(0, "KV cache blocks; 0: sized from memory")
     block_size: int = setting(16, "tokens per KV block")
@@ -28,6 +31,7 @@ class WorkerConfig:
     cpu_kv_cache_gib: float = setting(0.5, "KV cache size on CPU")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
     cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU)")
+    gil_switch_interval_s: float = setting(0.0005, "CPython's GIL switch interval in the worker (default 0.005)")
     heartbeat_s: float = setting(2.0, "how often the worker renews its job leases and liveness key")
     lease_s: float = setting(15.0, "a job whose worker has not renewed it for this long is taken over")
     max_deliveries: int = setting(5, "a job delivered more often goes to the dead-letter stream")

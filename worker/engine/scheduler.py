@@ -3,6 +3,10 @@
 Every step mixes the decode tokens of running sequences with prefill chunks of new ones under one token
 budget (`max_num_batched_tokens`). Running sequences go first, oldest first, so a long prompt arriving
 never stalls the streams already running: it is prefilled a chunk at a time with what the budget leaves.
+While sequences are decoding, prefill chunks get at most `max_prefill_tokens_while_decoding` of a step:
+a step's time grows with its tokens, and every running stream waits for the whole step, so a large chunk
+would show as a spike in everyone's inter-token latency. Without decodes (an idle engine, T1) a prompt
+takes the whole budget.
 When the KV pool runs out, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed (prompt + tokens generated so far) when blocks free up.
 """
@@ -36,6 +40,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = (
+            config.max_prefill_tokens_while_decoding or config.max_num_batched_tokens
+        )
         self.block_manager = block_manager
         # Blocks kept free when admitting new work, so running sequences can grow a little before anyone
         # is preempted (admitting into a full pool only to preempt at the next step is wasted prefill).
@@ -60,6 +67,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
+        prefill_budget = self.max_prefill_tokens_while_decoding if decoding else budget
 
         # 1. Running sequences: one decode token each, or the next chunk of an unfinished prefill.
         scheduled: list[Sequence] = []
@@ -67,6 +76,10 @@ class Scheduler:
         while candidates and budget > 0:
             seq = candidates.pop(0)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens > 1:  # the next chunk of a prompt
+                num_tokens = min(num_tokens, prefill_budget)
+                if num_tokens == 0:
+                    continue
             while not self.block_manager.can_allocate(seq, num_tokens):
                 # Preempt the newest sequence not yet scheduled in this step; if there is none, this one.
                 victim = candidates.pop() if candidates else seq
@@ -80,16 +93,18 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_scheduled_tokens.append(num_tokens)
                 budget -= num_tokens
+                if num_tokens > 1:
+                    prefill_budget -= num_tokens
 
         # 2. Waiting sequences, first come first served, while budget, slots and blocks last. A preempted
         # sequence was put back at the front, so it is resumed before anything newer starts.
         # Blocks the running sequences will need soon (the rest of their prompt, their next token) are kept
         # free when admitting: admitting into that room would only cause preemptions and recomputation.
         reserve = sum(self.block_manager.blocks_needed(s, s.num_uncomputed_tokens + 1) for s in self.running)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             reused = self.block_manager.take_cached_prefix(seq)
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = min(seq.num_uncomputed_tokens, budget, prefill_budget)
             needed = self.block_manager.blocks_needed(seq, num_tokens)
             room = self.block_manager.num_free_blocks - (reserve + self.watermark_blocks if self.running else 0)
             if needed > room:
@@ -106,6 +121,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_scheduled_tokens.append(num_tokens)
             budget -= num_tokens
+            prefill_budget -= num_tokens
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

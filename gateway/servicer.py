@@ -6,6 +6,7 @@ import re
 from collections.abc import AsyncIterator
 
 import grpc
+from redis.exceptions import RedisError
 
 from gateway import prompts
 from gateway.auth import current_tenant
@@ -113,7 +114,10 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
     async def Cancel(self, request: api.CancelRequest, context: grpc.aio.ServicerContext) -> api.CancelResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
-        await self.generations.cancel(self.generations.scoped(current_tenant(), request.request_id))
+        try:
+            await self.generations.cancel(self.generations.scoped(current_tenant(), request.request_id))
+        except (RedisError, OSError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unreachable ({exc}); retry")
         return api.CancelResponse()
 
     async def Resume(
@@ -130,6 +134,8 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
                 await _end_with_status(event, context)
         except RequestRejected as exc:
             await context.abort(exc.code, str(exc))
+        except (RedisError, OSError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unreachable ({exc}); retry")
 
     async def _open(self, request, context: grpc.aio.ServicerContext, resolve_request) -> Generation:
         try:
@@ -144,6 +150,10 @@ class CodeStreamServicer(api_grpc.CodeStreamServicer):
         timeout = min(remaining, self.config.request_timeout_s) if remaining else self.config.request_timeout_s
         try:
             return await self.generations.open(resolved, timeout, current_tenant(), _traceparent(context))
+        except (RedisError, OSError) as exc:
+            # Redis unreachable, or a pooled connection that died with a Redis restart: UNAVAILABLE (which
+            # clients retry), not UNKNOWN.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unreachable ({exc}); retry")
         except RequestRejected as exc:
             if exc.retry_after_ms:
                 context.set_trailing_metadata((("retry-after-ms", str(exc.retry_after_ms)),))

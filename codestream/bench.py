@@ -213,6 +213,10 @@ async def one_request(
                 outcome.prompt_tokens = event.queued.prompt_tokens
             elif event.HasField("finished"):
                 outcome.output_tokens = event.finished.generated_tokens
+                timings = event.finished.timings
+                if timings.first_token_ms:
+                    outcome.server_queue_s = timings.queue_ms / 1000
+                    outcome.server_first_token_s = timings.first_token_ms / 1000
     except grpc.aio.AioRpcError as exc:
         outcome.status, outcome.error = exc.code().name, exc.details() or ""
     outcome.ended = time.perf_counter()

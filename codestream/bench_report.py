@@ -31,6 +31,10 @@ class Outcome:
     ended: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     messages: int = 0  # token messages received
+    # From the Finished event's timings, measured from when the gateway accepted the request: until the
+    # engine first scheduled it, and until the engine sampled its first token.
+    server_queue_s: float | None = None
+    server_first_token_s: float | None = None
     status: str = "OK"  # the gRPC status the stream ended with
     error: str = ""
 
@@ -119,6 +123,13 @@ def summarize(outcomes: list[Outcome], slos: dict[str, float]) -> dict[str, Any]
         "tpot_ms": percentiles([o.tpot_s for o in done if o.tpot_s is not None]),
         "itl_ms": percentiles([gap for o in done for gap in o.itl_s]),
         "e2e_ms": percentiles([o.e2e_s for o in done]),
+        # Where TTFT goes: gateway accepted -> engine scheduled; accepted -> engine's first token; and the
+        # rest (client -> gateway before acceptance, engine -> Redis -> gateway -> client after the token).
+        "server_queue_ms": percentiles([o.server_queue_s for o in done if o.server_queue_s is not None]),
+        "server_ttft_ms": percentiles([o.server_first_token_s for o in done if o.server_first_token_s is not None]),
+        "ttft_outside_engine_ms": percentiles(
+            [o.ttft_s - o.server_first_token_s for o in done if o.ttft_s is not None and o.server_first_token_s]
+        ),
         "slo_ms": {k: v * 1000 for k, v in slos.items()},
         "goodput": rate(sum(meets(o, slos) for o in done)) if slos else None,
     }

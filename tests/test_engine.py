@@ -112,7 +112,7 @@ def test_long_prompt_does_not_stall_running_decodes(demo_model_dir: Path) -> Non
 
 def test_prefill_takes_a_smaller_share_of_a_step_while_streams_decode(demo_model_dir: Path) -> None:
     engine = make_engine(
-        demo_model_dir, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=12, max_num_seqs=4, num_blocks=256
+        demo_model_dir, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=12, max_num_seqs=16, num_blocks=256
     )
     tok = engine.tokenizer
     long_ids = tok.encode(PROMPTS[3]).ids

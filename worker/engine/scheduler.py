@@ -3,10 +3,11 @@
 Every step mixes the decode tokens of running sequences with prefill chunks of new ones under one token
 budget (`max_num_batched_tokens`). Running sequences go first, oldest first, so a long prompt arriving
 never stalls the streams already running: it is prefilled a chunk at a time with what the budget leaves.
-While sequences are decoding, prefill chunks get at most `max_prefill_tokens_while_decoding` of a step:
-a step's time grows with its tokens, and every running stream waits for the whole step, so a large chunk
-would show as a spike in everyone's inter-token latency. Without decodes (an idle engine, T1) a prompt
-takes the whole budget.
+While sequences are decoding, prefill chunks get at most `max_prefill_tokens_while_decoding` of a step,
+or the budget's share of the decoding sequences in max_num_seqs when that is more: a step's time grows
+with its tokens and every running stream waits for the whole step, so a large chunk next to a small decode
+batch would show as a spike in everyone's inter-token latency. Without decodes (an idle engine, T1) a
+prompt takes the whole budget.
 When the KV pool runs out, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed (prompt + tokens generated so far) when blocks free up.
 """
@@ -67,8 +68,13 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
-        prefill_budget = self.max_prefill_tokens_while_decoding if decoding else budget
+        decoding = sum(s.num_uncomputed_tokens == 1 for s in self.running)
+        prefill_budget = budget
+        if decoding:
+            # A large decode batch makes a long step anyway (KV reads, GEMMs no longer weight-bound), so the
+            # prefill share grows with it: W1-like loads refill their batch as fast as without the cap.
+            scaled = budget * decoding // self.max_num_seqs
+            prefill_budget = min(budget, max(self.max_prefill_tokens_while_decoding, scaled))
 
         # 1. Running sequences: one decode token each, or the next chunk of an unfinished prefill.
         scheduled: list[Sequence] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import sys
 import uuid
 
 import structlog
@@ -56,10 +55,6 @@ def make_worker(config: WorkerConfig, model_dir: str, engine: LLMEngine | None =
 
 
 async def run_worker(config: WorkerConfig, model_dir: str) -> None:
-    # The engine steps in a thread while this loop publishes the last step's tokens and takes new jobs.
-    # With CPython's default 5 ms switch interval, either can wait up to 5 ms for the GIL whenever the
-    # other is in Python: straight onto every token's latency. 0.5 ms bounds that wait.
-    sys.setswitchinterval(config.gil_switch_interval_s)
     log.info("loading_model", model=model_dir, device=config.device, dtype=config.dtype)
     worker = make_worker(config, model_dir)
     stats = worker.engine.stats()

@@ -19,6 +19,7 @@ import contextlib
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -69,6 +70,7 @@ class Worker:
         # Jobs held at once: enough to keep a full batch plus a queue behind it.
         self.max_taken = 2 * engine.config.max_num_seqs
         self.tasks: list[asyncio.Task] = []
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.metrics = WorkerMetrics(self)
 
     @property
@@ -298,6 +300,12 @@ class Worker:
 
     # -- the engine --------------------------------------------------------------------------------------
 
+    def _in_engine_thread(self, fn):
+        """Run an engine call on the engine's own thread, so this loop keeps publishing and taking jobs
+        meanwhile. One long-lived thread (not asyncio.to_thread's pool and context copy per step): every
+        step pays the hand-over twice, on every stream's token latency."""
+        return asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)
+
     async def _engine_loop(self) -> None:
         while True:
             outbox = Outbox()
@@ -308,7 +316,7 @@ class Worker:
                 started = time.perf_counter()
                 batch = len(self.engine.scheduler.running)
                 try:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    outputs = await self._in_engine_thread(self.engine.step)
                     self.metrics.step_seconds.observe(time.perf_counter() - started)
                     self.metrics.batch_size.observe(batch)
                 except Exception:
@@ -339,7 +347,7 @@ class Worker:
         for req in suspects:
             try:
                 self._add_to_engine(req)
-                outputs.extend(await asyncio.to_thread(self.engine.step))
+                outputs.extend(await self._in_engine_thread(self.engine.step))
             except Exception as exc:
                 self.engine.abort_request(req.request_id)
                 log.error("poison_request", request_id=req.request_id, error=repr(exc))

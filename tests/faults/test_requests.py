@@ -19,6 +19,7 @@ from datetime import datetime
 import grpc
 import redis.asyncio as aioredis
 
+from codestream.client import covered_seqs
 from protos import api, bus
 from protos.keys import EVENT_FIELD, JOB_FIELD
 from tests.faults.conftest import (
@@ -68,7 +69,8 @@ class LogFollower:
         return max((e.seq for e, t in zip(self.events, self.times, strict=True) if t <= when), default=0)
 
     def chunks_after(self, seq: int) -> int:
-        return sum(1 for e in self.events if e.seq > seq and e.HasField("tokens"))
+        """The worker's token chunks (steps) after `seq`: a merged event counts for every step it holds."""
+        return sum(1 for e in self.events if e.HasField("tokens") for s in covered_seqs(e) if s > seq)
 
     def finished_at(self) -> float | None:
         return next((t for e, t in zip(self.events, self.times, strict=True) if e.HasField("finished")), None)

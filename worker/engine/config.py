@@ -26,10 +26,11 @@ class EngineConfig:
     # Token budget of one step: decode tokens + prefill chunk tokens. Prompts longer than what is left
     # are prefilled in chunks over several steps, so a long prompt never stalls running streams.
     max_num_batched_tokens: int = 2048
-    # Prefill tokens one step may carry while other sequences are decoding (0: the whole budget). Every
-    # running stream waits for the whole step, so this bounds the inter-token latency spike a new prompt
-    # causes; an idle engine still prefills with the whole budget (time to first token).
-    max_prefill_tokens_while_decoding: int = 512
+    # Prefill tokens one step may carry while other sequences are decoding (0: the whole budget; see
+    # scheduler.py). Every running stream waits for the whole step, so this bounds the inter-token latency
+    # spike a new prompt causes, at some cost in throughput when everything arrives at once (W1). 0 here,
+    # for the engine alone; the worker (serving) defaults to 512.
+    max_prefill_tokens_while_decoding: int = 0
     # Prompt + generated tokens per sequence; None: the model's max_position_embeddings.
     max_model_len: int | None = None
     # Reuse the KV blocks of prompt prefixes computed before (see block_manager.py).

@@ -330,14 +330,14 @@ def print_table(report: dict[str, Any]) -> None:
     rows = [("ttft (low load)", service.get("ttft")), ("W1 (all at once)", service.get("w1"))]
     rows += [(f"c={c}", r) for c, r in service.get("sweep", {}).items()]
     header = f"{'through gRPC + Redis':<20}{'ok':>6}{'err':>5}{'out tok/s':>11}{'req/s':>8}"
-    print(header + "".join(f"{n + ' med/p90/p99 ms':>30}" for n in ("TTFT", "TPOT", "ITL", "E2E")))
+    print(header + "".join(f"{n + ' med/p90/p99 ms':>32}" for n in ("TTFT", "TPOT", "ITL", "E2E")))
     for name, result in rows:
         if result:
             s = result["summary"]
             print(
                 f"{name:<20}{s['completed']:>6}{s['errors']:>5}{s['output_throughput']:>11,.1f}"
                 f"{s['request_throughput']:>8.2f}"
-                + "".join(f"{fmt(s[k + '_ms']):>30}" for k in ("ttft", "tpot", "itl", "e2e"))
+                + "".join(f"{fmt(s[k + '_ms']):>32}" for k in ("ttft", "tpot", "itl", "e2e"))
             )
     for name, t in report["targets"].items():
         if "value" in t:

@@ -16,12 +16,14 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from codestream import tracing
 from gateway import event_log
 from gateway.admission import Admission, Limits
 from gateway.config import GatewayConfig
@@ -34,6 +36,7 @@ from protos.keys import Keys
 
 log = structlog.get_logger("gateway.generations")
 
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # A stream that has heard nothing for this long looks in the request's event log (then 2x, 4x... up to max).
 IDLE_CHECK_FIRST_S = 0.5
 IDLE_CHECK_MAX_S = 5.0
@@ -113,6 +116,11 @@ class Generations:
         request_id = self.scoped(tenant, client_id)
         if request_id in self.active:
             raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
+        # With OpenTelemetry on, the worker's span becomes a child of this one (same trace as the client's).
+        span = tracing.start(
+            "codestream.request", traceparent, request_id=request_id, tenant=tenant or None,
+            prompt_tokens=len(resolved.prompt_token_ids), max_new_tokens=resolved.params.max_new_tokens,
+        )  # fmt: skip
         job = bus.Job(
             request_id=request_id,
             reply_channel=self.router.channel,
@@ -121,10 +129,10 @@ class Generations:
             accepted_unix_ms=int(accepted * 1000),
             deadline_unix_ms=int(deadline * 1000),
             tokenizer_fingerprint=self.card.tokenizer_fingerprint,
-            traceparent=traceparent,
+            traceparent=tracing.traceparent_of(span, traceparent),
         )
         inbox = self.router.register(request_id, max_events=resolved.params.max_new_tokens + 8)
-        generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline)
+        generation = Generation(self, resolved, request_id, client_id, tenant, inbox, deadline, span=span)
         generation.job_bytes = job.SerializeToString()
         self.active[request_id] = generation
         self.metrics.active_streams.inc()
@@ -231,6 +239,8 @@ class Generation:
     closed: bool = False
     repaired_events: int = 0  # events recovered from the log after pub/sub lost them
     merged_events: int = 0  # token chunks folded into an earlier one (the client read slower than they came)
+    span: Any = None  # the request's OpenTelemetry span (codestream/tracing.py), when tracing is on
+    error: str = ""  # the error event's status and message, when the stream ended with one
     admitted: bool = True
     lost: bool = False
     job_bytes: bytes = b""
@@ -349,6 +359,8 @@ class Generation:
             self._samples_left -= 1  # (sampling.n > 1) more samples to come
         elif kind in ("finished", "error"):
             self.finished = True
+            if kind == "error":
+                self.error = f"{STATUS_NAMES.get(event.error.code, event.error.code)}: {event.error.message}"
             metrics.request_duration.observe(self.last_event_at - self.accepted_at)
             if kind == "finished" and event.finished.timings.queue_ms:
                 metrics.queue_time.observe(event.finished.timings.queue_ms / 1000)
@@ -436,6 +448,11 @@ class Generation:
             client_left=cancel and not self.finished, events=self._expected_seq - 1,
             repaired_events=self.repaired_events, merged_events=self.merged_events,
             seconds=round(time.monotonic() - self.accepted_at, 4),
+        )  # fmt: skip
+        tracing.end(
+            self.span, error=self.error or ("" if self.finished or not self.admitted else "client left"),
+            finished=self.finished, admitted=self.admitted, events=self._expected_seq - 1,
+            merged_events=self.merged_events, repaired_events=self.repaired_events,
         )  # fmt: skip
         owner.router.unregister(self.request_id)
         if owner.active.pop(self.request_id, None) is not None:

@@ -23,6 +23,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from gateway.auth import ApiKeyInterceptor, ApiKeys, load_api_keys, server_credentials
 from gateway.config import GatewayConfig
+from gateway.decoding import DecodingInterceptor
 from gateway.generations import Generations
 from gateway.http import HttpApi, ssl_context
 from gateway.metrics import GatewayMetrics, MetricsInterceptor
@@ -87,8 +88,13 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
     generations = Generations(redis, keys, router, card, config, metrics)
 
     server = grpc.aio.server(
-        # Metrics outermost, so that refused calls are counted too.
-        interceptors=[MetricsInterceptor(metrics), *([ApiKeyInterceptor(api_keys)] if api_keys is not None else [])],
+        # Metrics outermost, so that refused calls are counted too; decoding innermost, so that a refused
+        # caller's bytes are never parsed.
+        interceptors=[
+            MetricsInterceptor(metrics),
+            *([ApiKeyInterceptor(api_keys)] if api_keys is not None else []),
+            DecodingInterceptor(),
+        ],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 * 2**20),

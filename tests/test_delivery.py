@@ -286,6 +286,48 @@ async def test_queued_jobs_are_enqueued_again_after_redis_restarts_empty(demo_mo
         server.close()
 
 
+async def test_jobs_a_worker_runs_when_redis_restarts_empty_go_on_and_their_second_delivery_is_adopted(
+    demo_model_dir: Path,
+):
+    """Redis restarts without its data while a worker runs one job and holds another waiting: their stream
+    entries are gone. The worker goes on with both (they were not lost to another worker), and when the
+    gateway enqueues the unstarted one again, its new entry becomes the lease of the job already held."""
+    from codestream.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    url = server.start()
+    ns = namespace()
+    worker = start_worker(url, demo_model_dir, ns, max_num_seqs=1, heartbeat_s=0.2)
+    gateway = await start_test_gateway(url, demo_model_dir, ns, outage_bound_s=5)
+    try:
+        async with channel_to(gateway) as stub:
+            running: list[api.GenerateEvent] = []
+
+            async def collect_running() -> list[api.GenerateEvent]:
+                # Long enough to still run when the worker's heartbeats reach the restarted Redis.
+                async for event in stub.GenerateStream(request(PROMPTS[0], 400), timeout=60):
+                    running.append(event)
+                return running
+
+            calls = [asyncio.create_task(collect_running())]
+            await wait_until(lambda: len(running) >= 3)  # the gateway has seen its events: not enqueued again
+            calls.append(asyncio.create_task(collect(stub, request(PROMPTS[1], 60), timeout=60)))
+            await wait_until(lambda: len(worker.worker.requests) == 2)  # the second one waits in the engine
+            server.stop()
+            server.requested_port = server.port
+            server.start()
+            results = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        for events, n, want in zip(results, (400, 60), expected_tokens(demo_model_dir, PROMPTS[:2], 400), strict=True):
+            assert check_complete(events, n) == want[:n]
+        counts = worker.worker.counts
+        assert counts["lease_lost"] == 0 and counts["orphaned"] >= 1 and counts["duplicate_adopted"] == 1, counts
+        # The adopted entry was the job's lease: its final event acknowledged and deleted it.
+        assert await worker.worker.redis.xlen(Keys(ns).jobs) == 0
+    finally:
+        await stop_all(gateway, worker)
+        server.close()
+
+
 async def test_samples_continue_on_another_worker(redis_url: str, demo_model_dir: Path):
     ns = namespace()
     settings = {"lease_s": 1.0, "heartbeat_s": 0.2}

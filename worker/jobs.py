@@ -15,6 +15,7 @@ import structlog
 from protos import api
 from worker import events
 from worker.engine import RequestOutput
+from worker.leases import Renewal
 from worker.state import Outbox, Running
 
 log = structlog.get_logger("worker")
@@ -30,6 +31,35 @@ class JobBook:
     def take(self, req: Running) -> None:
         self.counts["taken"] += 1
         self.requests[req.request_id] = req
+
+    def adopt(self, req: Running) -> bytes | None:
+        """`req` is a second delivery of a request held here (the gateway enqueues unstarted jobs again when
+        Redis restarts): not a new job, only a new lease for the one running, which heartbeats renew and
+        whose final event acknowledges. Returns the entry it replaces, if another, for the caller to release:
+        a Redis restarted with its data keeps it, and left pending it would be reclaimed and run twice."""
+        held = self.requests[req.request_id]
+        superseded = held.entry_id if held.entry_id != req.entry_id else None
+        held.entry_id, held.orphaned = req.entry_id, False
+        held.attempt = max(held.attempt, req.attempt)  # (a reclaimed entry has claimed a higher attempt)
+        self.counts["duplicate_adopted"] += 1
+        log.info("duplicate_adopted", request_id=req.request_id, attempt=held.attempt)
+        return superseded
+
+    def renewed(self, renewal: Renewal) -> list[Running]:
+        """A heartbeat's outcome: the jobs lost to another worker, to drop. Those whose entry Redis lost go
+        on here, unleased: dropping them would leave their clients in silence. Their final emit's XACK/XDEL
+        of the missing entry are harmless, and a newer attempt, should one appear, still fences them."""
+        lost = []
+        for req in list(self.requests.values()):
+            if req.entry_id in renewal.lost:
+                log.warning("lease_lost", request_id=req.request_id)
+                self.counts["lease_lost"] += 1
+                lost.append(req)
+            elif req.entry_id in renewal.orphaned and not req.orphaned:
+                req.orphaned = True
+                log.warning("lease_orphaned", request_id=req.request_id)
+                self.counts["orphaned"] += 1
+        return lost
 
     async def freed(self) -> None:
         """Wait until a job leaves."""
@@ -81,5 +111,7 @@ class JobBook:
         self.forget(req)
 
     def forget(self, req: Running) -> None:
-        self.requests.pop(req.request_id, None)
+        # Only this copy: ending a stray second copy of a request must not forget the one that runs.
+        if self.requests.get(req.request_id) is req:
+            del self.requests[req.request_id]
         self._freed.set()

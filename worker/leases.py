@@ -7,16 +7,37 @@ is never taken away; a worker that stops heartbeating (killed, paused, partition
 idle, and after `lease_s` another worker takes them over with XAUTOCLAIM, which counts one more delivery.
 The delivery count is the attempt number that fences the old worker's writes (see emitter.py); a job
 delivered more than `max_deliveries` times goes to the dead-letter stream instead of running again.
+
+A job whose entry is gone from Redis altogether (restarted without persistence) has no lease anyone could
+take over: the worker running it goes on with it, unleased ("orphaned"), until it finishes or a new
+entry for the same request (the gateway enqueues unstarted jobs again) is delivered to it and becomes
+its lease.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from protos.keys import JOB_FIELD, Keys
+
+
+@dataclass
+class Held:
+    """A job this worker runs, as renew() needs it."""
+
+    entry_id: bytes
+    request_id: str
+    attempt: int
+
+
+@dataclass
+class Renewal:
+    lost: set[bytes] = field(default_factory=set)  # another worker runs them now: stop
+    orphaned: set[bytes] = field(default_factory=set)  # gone from Redis, and no one else runs them: go on
 
 
 @dataclass
@@ -34,21 +55,44 @@ class Leases:
         self.lease_ms = int(lease_s * 1000)
         self.max_deliveries = max_deliveries
 
-    async def renew(self, entry_ids: list[bytes]) -> set[bytes]:
-        """Reset the idle time of the entries this worker still owns; returns those it no longer owns (another
-        worker reclaimed them while this one was not heartbeating: it must stop working on them)."""
-        if not entry_ids:
-            return set()
+    async def renew(self, held: list[Held]) -> Renewal:
+        """Reset the idle time of the entries this worker still owns, and sort out those it does not."""
+        if not held:
+            return Renewal()
         owned = await self._owned()
-        mine = [e for e in entry_ids if e in owned]
+        mine = [h.entry_id for h in held if h.entry_id in owned]
         if mine:
             await self.redis.xclaim(self.keys.jobs, self.keys.worker_group, self.worker_id, 0, mine, justid=True)
-        return set(entry_ids) - owned
+        others = [h for h in held if h.entry_id not in owned]
+        if not others:
+            return Renewal()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for h in others:
+                pipe.xrange(self.keys.jobs, h.entry_id, h.entry_id, count=1)
+                pipe.hget(self.keys.attempt(h.request_id), "attempt")
+            replies = await pipe.execute()
+        renewal = Renewal()
+        for h, entry, attempt in zip(others, replies[::2], replies[1::2], strict=True):
+            # An entry still there and not ours is another worker's (reclaimed while this one was not
+            # heartbeating), or will be. An entry gone with a newer attempt on record: another worker took
+            # the job over and finished it. Either way the job is no longer this worker's to run.
+            if entry or int(attempt or 0) > h.attempt:
+                renewal.lost.add(h.entry_id)
+            else:  # Redis lost the entry (and the job's state with it): no one else can run it.
+                renewal.orphaned.add(h.entry_id)
+        return renewal
 
     async def _owned(self) -> set[bytes]:
-        pending = await self.redis.xpending_range(
-            self.keys.jobs, self.keys.worker_group, "-", "+", 100_000, consumername=self.worker_id
-        )
+        try:
+            pending = await self.redis.xpending_range(
+                self.keys.jobs, self.keys.worker_group, "-", "+", 100_000, consumername=self.worker_id
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis restarted empty and the intake has not made the group again yet (it waits while the
+            # worker is full): nothing is pending under anyone.
+            return set()
         return {p["message_id"] for p in pending}
 
     async def reclaim(self, count: int) -> list[Claimed]:
@@ -79,6 +123,14 @@ class Leases:
                 self.keys.jobs, self.keys.worker_group, self.worker_id, 0, entry_ids,
                 idle=self.lease_ms * 10, justid=True,
             )  # fmt: skip
+
+    async def release(self, entry_ids: list[bytes]) -> None:
+        """Acknowledge and delete entries whose jobs this worker runs under other entries."""
+        if entry_ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.keys.jobs, self.keys.worker_group, *entry_ids)
+                pipe.xdel(self.keys.jobs, *entry_ids)
+                await pipe.execute()
 
     async def dead_letter(self, job_bytes: bytes, entry_id: bytes, deliveries: int, reason: str) -> None:
         await self.redis.xadd(

@@ -31,7 +31,7 @@ from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
 from worker.emitter import Emitter
 from worker.engine import LLMEngine, RequestOutput
 from worker.jobs import JobBook
-from worker.leases import Claimed, Leases
+from worker.leases import Claimed, Held, Leases
 from worker.metrics import WorkerMetrics
 from worker.state import Outbox, Running, engine_params
 
@@ -239,10 +239,19 @@ class Worker:
 
     async def _screen(self, taken: list[Running]) -> None:
         """Refuse the unservable, drop the cancelled and expired, queue the rest for the engine."""
-        outbox = Outbox()
+        fresh: list[Running] = []
+        superseded: list[bytes] = []
         for req in taken:
-            self.book.take(req)  # from here on, a cancel notice finds it
-        flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in taken])
+            if req.request_id in self.requests:  # not a new job: a new lease for the one running
+                if (entry_id := self.book.adopt(req)) is not None:
+                    superseded.append(entry_id)
+            else:
+                self.book.take(req)  # from here on, a cancel notice finds it
+                fresh.append(req)
+        with contextlib.suppress(RedisError, OSError):
+            await self.leases.release(superseded)
+        taken, outbox = fresh, Outbox()
+        flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in taken]) if taken else []
         now_ms = time.time() * 1000
         for req, cancel_flag in zip(taken, flags, strict=True):
             job = req.job
@@ -283,13 +292,10 @@ class Worker:
     async def _heartbeat(self, every_s: float) -> None:
         while True:
             try:
-                lost = await self.leases.renew([r.entry_id for r in self.requests.values()])
-                for req in list(self.requests.values()):
-                    if req.entry_id in lost:
-                        log.warning("lease_lost", request_id=req.request_id)
-                        self.counts["lease_lost"] += 1
-                        self._to_abort[req.request_id] = DROP
-                        self._wake.set()
+                held = [Held(r.entry_id, r.request_id, r.attempt) for r in self.requests.values()]
+                for req in self.book.renewed(await self.leases.renew(held)):
+                    self._to_abort[req.request_id] = DROP
+                    self._wake.set()
                 stats = self.engine.stats()
                 info = {"worker_id": self.worker_id, "running": stats.num_running, "waiting": stats.num_waiting}
                 info |= {"free_blocks": stats.num_free_blocks, "blocks": stats.num_blocks, "time": time.time()}

@@ -26,6 +26,7 @@ class Running:
     job_bytes: bytes
     attempt: int = 1  # delivery count of the job: the fencing token of this worker's writes
     seq: int = 0  # last event seq emitted (continues an earlier attempt's)
+    orphaned: bool = False  # its entry is gone from Redis: running unleased (see leases.py)
     # Per sample, everything delivered so far, so that the job can continue elsewhere (or here, after an
     # engine fault).
     samples: dict[int, Sample] = field(default_factory=dict)

@@ -289,7 +289,9 @@ async def test_traceparent_reaches_the_worker_and_logs_never_hold_the_prompt(red
     for step in ("request_accepted", "request_started", "request_finished", "request_ended"):
         assert step in by_event, f"no {step} log"
     assert by_event["request_accepted"]["traceparent"] == traceparent
-    assert by_event["request_started"]["traceparent"] == traceparent
+    # The worker's line is in the client's trace: its traceparent, or with OpenTelemetry on (tests/test_tracing.py
+    # sets a tracer provider for the process), the gateway span's, a child in the same trace.
+    assert by_event["request_started"]["traceparent"].split("-")[1] == traceparent.split("-")[1]
     assert all("very_secret" not in repr(entry) for entry in logs)
 
 

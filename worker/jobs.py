@@ -12,6 +12,7 @@ from collections import Counter
 import grpc
 import structlog
 
+from codestream import tracing
 from protos import api
 from worker import events
 from worker.engine import RequestOutput
@@ -84,7 +85,8 @@ class JobBook:
         """Finished events for these samples; the job ends (and is acknowledged) with its last sample."""
         for out in outs:
             req.samples[out.index].finished = True
-            self.counts[api.StopReason.Name(stop_reason)] += 1
+            req.stop_reason = api.StopReason.Name(stop_reason)
+            self.counts[req.stop_reason] += 1
             done = not req.unfinished
             log.info(
                 "request_finished", request_id=req.request_id, index=out.index, reason=api.StopReason.Name(stop_reason),
@@ -106,6 +108,7 @@ class JobBook:
 
     def fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:
         log.warning("request_failed", request_id=req.request_id, code=code.name, message=message)
+        req.error = f"{code.name}: {message}"
         self.counts[f"failed_{code.name}"] += 1
         outbox.add(req, events.error(req.request_id, req.next_seq(), code, message), final=True)
         self.forget(req)
@@ -114,4 +117,9 @@ class JobBook:
         # Only this copy: ending a stray second copy of a request must not forget the one that runs.
         if self.requests.get(req.request_id) is req:
             del self.requests[req.request_id]
+        tracing.end(
+            req.span, error=req.error, stop_reason=req.stop_reason or None,
+            generated_tokens=sum(len(s.generated) for s in req.samples.values()),
+        )  # fmt: skip
+        req.span = None
         self._freed.set()

@@ -26,6 +26,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from codestream import tracing
 from protos import api, bus
 from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
 from worker.emitter import Emitter
@@ -337,6 +338,10 @@ class Worker:
                     # At most one step's events in flight while the next computes: if Redis stalls, so does
                     # the engine, and nothing piles up.
                     await asyncio.wait({previous})
+                else:
+                    # Let the new publish send its command to Redis now: once the next step runs, its Python
+                    # holds the GIL for up to the 5 ms switch interval, and these tokens would wait on it.
+                    await asyncio.sleep(0)
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -373,6 +378,11 @@ class Worker:
                 sample = req.samples[index]
                 self.engine.add_request(req.request_id, prompt, params, sample.generated, sample.sent_text, index=index)
         self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)
+        if req.span is None:
+            req.span = tracing.start(
+                "codestream.generate", req.job.traceparent, server=False, request_id=req.request_id,
+                attempt=req.attempt, prompt_tokens=len(prompt), samples=len(req.samples),
+            )  # fmt: skip
         log.info(
             "request_started", request_id=req.request_id, attempt=req.attempt,
             resumed_tokens=sum(len(s.generated) for s in req.samples.values()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from protos import api, bus
 from worker.emitter import Emission
@@ -30,6 +31,9 @@ class Running:
     # Per sample, everything delivered so far, so that the job can continue elsewhere (or here, after an
     # engine fault).
     samples: dict[int, Sample] = field(default_factory=dict)
+    span: Any = None  # this attempt's OpenTelemetry span (codestream/tracing.py), when tracing is on
+    error: str = ""  # why the job failed, when it did
+    stop_reason: str = ""  # the last sample's, when it finished
 
     def __post_init__(self) -> None:
         for index in range(max(1, self.job.params.n)):

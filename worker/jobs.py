@@ -7,6 +7,7 @@ lines stay in step: a sample's Finished event, the job's final event (which ackn
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import grpc
@@ -15,9 +16,9 @@ import structlog
 from codestream import tracing
 from protos import api
 from worker import events
-from worker.engine import RequestOutput
+from worker.engine import LLMEngine, RequestOutput
 from worker.leases import Renewal
-from worker.state import Outbox, Running
+from worker.state import Outbox, Running, engine_params
 
 log = structlog.get_logger("worker")
 
@@ -61,6 +62,29 @@ class JobBook:
                 log.warning("lease_orphaned", request_id=req.request_id)
                 self.counts["orphaned"] += 1
         return lost
+
+    def start(self, req: Running, engine: LLMEngine) -> None:
+        """Put the job into the engine: from its prompt, or, continuing an earlier attempt, each unfinished
+        sample from the tokens its client already has (prefilled, not generated again)."""
+        params = engine_params(req.job.params, prompt_logprobs=req.job.params.prompt_logprobs and not req.started)
+        prompt = list(req.job.prompt_token_ids)
+        if not req.started:
+            engine.add_request(req.request_id, prompt, params, n=len(req.samples))
+        else:
+            for index in req.unfinished:
+                sample = req.samples[index]
+                engine.add_request(req.request_id, prompt, params, sample.generated, sample.sent_text, index=index)
+        self.counts["prompt_tokens"] += len(prompt)
+        if req.span is None:
+            req.span = tracing.start(
+                "codestream.generate", req.job.traceparent, server=False, request_id=req.request_id,
+                attempt=req.attempt, prompt_tokens=len(prompt), samples=len(req.samples),
+            )  # fmt: skip
+        log.info(
+            "request_started", request_id=req.request_id, attempt=req.attempt,
+            resumed_tokens=sum(len(s.generated) for s in req.samples.values()),
+            queue_ms=round(time.time() * 1000 - req.job.accepted_unix_ms, 1), traceparent=req.job.traceparent or None,
+        )  # fmt: skip
 
     async def freed(self) -> None:
         """Wait until a job leaves."""

@@ -26,7 +26,6 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from codestream import tracing
 from protos import api, bus
 from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
 from worker.emitter import Emitter
@@ -34,7 +33,7 @@ from worker.engine import LLMEngine, RequestOutput
 from worker.jobs import JobBook
 from worker.leases import Claimed, Held, Leases
 from worker.metrics import WorkerMetrics
-from worker.state import Outbox, Running, engine_params
+from worker.state import Outbox, Running
 
 log = structlog.get_logger("worker")
 
@@ -369,25 +368,7 @@ class Worker:
         return outputs
 
     def _add_to_engine(self, req: Running) -> None:
-        params = engine_params(req.job.params, prompt_logprobs=req.job.params.prompt_logprobs and not req.started)
-        prompt = list(req.job.prompt_token_ids)
-        if not req.started:
-            self.engine.add_request(req.request_id, prompt, params, n=len(req.samples))
-        else:  # a continuation: each unfinished sample on its own, from the tokens its client has
-            for index in req.unfinished:
-                sample = req.samples[index]
-                self.engine.add_request(req.request_id, prompt, params, sample.generated, sample.sent_text, index=index)
-        self.counts["prompt_tokens"] += len(req.job.prompt_token_ids)
-        if req.span is None:
-            req.span = tracing.start(
-                "codestream.generate", req.job.traceparent, server=False, request_id=req.request_id,
-                attempt=req.attempt, prompt_tokens=len(prompt), samples=len(req.samples),
-            )  # fmt: skip
-        log.info(
-            "request_started", request_id=req.request_id, attempt=req.attempt,
-            resumed_tokens=sum(len(s.generated) for s in req.samples.values()),
-            queue_ms=round(time.time() * 1000 - req.job.accepted_unix_ms, 1), traceparent=req.job.traceparent or None,
-        )  # fmt: skip
+        self.book.start(req, self.engine)
 
     def _apply_adds(self, outbox: Outbox) -> None:
         adds, self._to_add = self._to_add, []

@@ -255,6 +255,8 @@ class Worker:
         now_ms = time.time() * 1000
         for req, cancel_flag in zip(taken, flags, strict=True):
             job = req.job
+            if self.requests.get(req.request_id) is not req:
+                continue  # ended while the flags were read (expired, cancelled): it has had its final event
             if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
                 self.book.finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
             elif cancel_flag is not None:

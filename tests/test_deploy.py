@@ -458,16 +458,20 @@ def test_ports_and_probes_are_the_ones_the_gateway_serves(name: str):
     config = effective_config(objects, "gateway")
     deployment, c = container(objects, "gateway")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "http": config.http_port, "metrics": config.metrics_port}
+    assert config.http_port > 0
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = c[probe]["grpc"]  # native gRPC probe: grpc.health.v1.Health/Check
         assert grpc_probe["port"] == config.port
         assert grpc_probe.get("service", "") in ("", SERVICE_NAME), "a service name the gateway reports"
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for service_name in ("codestream-gateway", "codestream-gateway-headless"):
+    for service_name, served in [
+        ("codestream-gateway", [(config.port, "grpc"), (config.http_port, "http")]),
+        ("codestream-gateway-headless", [(config.port, "grpc")]),  # client-side gRPC balancing only
+    ]:
         service = one(objects, "Service", service_name)
         assert selects({"matchLabels": service["spec"]["selector"]}, labels)
-        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(config.port, "grpc")]
+        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == served
     assert one(objects, "Service", "codestream-gateway-headless")["spec"]["clusterIP"] == "None"
     for kind in ("PodDisruptionBudget",):
         assert selects(one(objects, kind, "codestream-gateway")["spec"]["selector"], labels)

@@ -10,7 +10,6 @@ import multiprocessing.context
 import multiprocessing.process
 import multiprocessing.synchronize
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import ResponseError
 
 from codestream.redis_server import free_port
+from codestream.stack import stop_child
 from protos import api, api_grpc, bus
 from protos.keys import JOB_FIELD, Keys
 
@@ -375,13 +375,7 @@ def running_gateway(
         _wait_serving(f"127.0.0.1:{port}", process, log_path)
         yield GatewayProcess(process, f"127.0.0.1:{port}")
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process, timeout_s=30)
 
 
 def _wait_serving(target: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
 from codestream.settings import env_name
+from codestream.stack import stop_child
 
 PYTHON = sys.executable
 SWEEP = (1, 8, 32, 128)
@@ -193,13 +193,7 @@ def process(name: str, command: list[str], env: dict[str, str], log_dir: Path) -
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_child(proc, timeout_s=60)
         log(f"{name} exited ({proc.returncode}); log {log_path}")
 
 
@@ -304,7 +298,6 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             if s["server_ttft_ms"]
             else None,
             "outside_accepted_to_first_token": s["ttft_outside_engine_ms"].get("median"),
-            "met": True,
         }
     c32 = service.get("sweep", {}).get("32")
     if c32:

@@ -65,15 +65,21 @@ def serve_stack(args: argparse.Namespace) -> int:
     finally:
         # Gateway first (it drains its streams), then the worker, then Redis.
         for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=90)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop_child(child, timeout_s=90)
         if embedded:
             embedded.close()
         log.info("stack_stopped")
+
+
+def stop_child(child: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (a gateway or worker drains on it), then SIGKILL if it is still there after `timeout_s`."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _wait_serving(target: str, children: list[subprocess.Popen], stopping, timeout_s: float = 600) -> bool:

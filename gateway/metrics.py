@@ -9,8 +9,9 @@ Each gateway owns a registry, so that several can run in one process (tests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -78,45 +79,38 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         behavior = handler_behavior(handler)
         count = self.metrics.requests
 
-        def record(context: grpc.aio.ServicerContext, code: grpc.StatusCode | None) -> None:
-            final = code or context.code() or grpc.StatusCode.OK
-            count.labels(method, final.name if isinstance(final, grpc.StatusCode) else str(final)).inc()
+        @contextlib.contextmanager
+        def recorded(context: grpc.aio.ServicerContext) -> Iterator[None]:
+            """Count the call once it ends: its status, or CANCELLED / UNKNOWN when it ended by an exception
+            (an abort has set the context's code already)."""
+            code = None
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                final = code or context.code() or grpc.StatusCode.OK
+                count.labels(method, final.name if isinstance(final, grpc.StatusCode) else str(final)).inc()
 
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                code = None
-                try:
+                with recorded(context):
                     async for response in behavior(request, context):
                         yield response
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    record(context, code)
 
             wrapped: Callable = stream
         elif inspect.iscoroutinefunction(behavior):
 
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                code = None
-                try:
+                with recorded(context):
                     return await behavior(request, context)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    record(context, code)
 
             wrapped = call
         else:

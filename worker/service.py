@@ -114,6 +114,7 @@ class Worker:
         for task in (engine_task, *feeders, *helpers):
             task.cancel()
         await asyncio.gather(engine_task, *feeders, *helpers, return_exceptions=True)
+        self._engine_thread.shutdown(wait=False)  # a step still computing there finishes on its own
         if self._publishing:
             await asyncio.gather(self._publishing, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from codestream.client import seqs
 from protos import api, api_grpc
@@ -360,3 +361,27 @@ async def test_samples_continue_on_another_worker(redis_url: str, demo_model_dir
     finally:
         await doomed.worker.redis.aclose()
         await stop_all(gateway, *([survivor] if survivor else []))
+
+
+async def test_a_worker_stops_even_when_one_of_its_tasks_ignores_cancellation(redis_url: str, demo_model_dir: Path):
+    released = asyncio.Event()
+
+    async def stubborn_heartbeat(every_s: float) -> None:
+        # Swallows its cancellation, as a library call stuck in its cleanup would, until the test ends.
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    running = start_worker(redis_url, demo_model_dir, namespace(), grace_s=0.3)
+    running.worker._heartbeat = stubborn_heartbeat  # (run() has not started its tasks yet)
+    await wait_until(lambda: running.worker.tasks)
+    try:
+        with capture_logs() as logs:
+            running.stop.set()
+            await asyncio.wait_for(running.task, 30)
+        stuck = [e for e in logs if e["event"] == "worker_task_stuck"]
+        assert [e["task"] for e in stuck] == ["heartbeat"], logs
+        assert any("stubborn_heartbeat" in frame for frame in stuck[0]["stack"])
+        assert logs[-1]["event"] == "worker_stopped"
+    finally:
+        released.set()

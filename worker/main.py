@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import uuid
@@ -73,4 +74,5 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
     try:
         await worker.run(stop, heartbeat_s=config.heartbeat_s, shutdown_grace_s=config.shutdown_grace_s)
     finally:
-        await worker.redis.aclose()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(worker.redis.aclose(), timeout=2)

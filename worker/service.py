@@ -113,12 +113,12 @@ class Worker:
             await self._hand_back_all()
         for task in (engine_task, *feeders, *helpers):
             task.cancel()
-        await asyncio.gather(engine_task, *feeders, *helpers, return_exceptions=True)
+        await _settle([engine_task, *feeders, *helpers], "cancelled", timeout_s=5)
         self._engine_thread.shutdown(wait=False)  # a step still computing there finishes on its own
         if self._publishing:
-            await asyncio.gather(self._publishing, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.delete(self.keys.worker(self.worker_id))
+            await _settle([self._publishing], "final events", timeout_s=5)
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.redis.delete(self.keys.worker(self.worker_id)), timeout=2)
         log.info("worker_stopped", worker_id=self.worker_id, counts=dict(self.counts))
 
     async def _drained(self) -> None:
@@ -429,3 +429,12 @@ class Worker:
             if emission.request_id in self.requests:
                 self._to_abort[emission.request_id] = DROP
                 self._wake.set()
+
+
+async def _settle(tasks: list[asyncio.Task], what: str, timeout_s: float) -> None:
+    """Wait for tasks to end, but never past `timeout_s`: a stopping worker must stop. Whatever is still
+    running then is logged with where it waits, and left behind (the process is about to exit)."""
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        where = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()]
+        log.error("worker_task_stuck", task=task.get_name(), waiting_for=what, timeout_s=timeout_s, stack=where)

@@ -201,8 +201,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
     results: dict[str, Any] = {}
     port = free_port()
     target = f"127.0.0.1:{port}"
-    with EmbeddedRedis() as redis:
-        url = redis.start()
+    with EmbeddedRedis() as redis:  # (started by entering it)
+        url = redis.url
         common = {"CODESTREAM_REDIS_URL": url, "CODESTREAM_MODEL": str(model_dir), "CODESTREAM_LOG_FORMAT": "json"}
         gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}
         gateway_env |= {"CODESTREAM_METRICS_PORT": "0", "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}

@@ -254,6 +254,35 @@ async def test_jobs_queued_before_any_worker_are_served_and_expired_ones_skipped
             await task
 
 
+async def test_a_job_cancelled_while_queued_ends_cancelled_when_a_worker_takes_it(
+    redis_url: str, demo_model_dir: Path
+):
+    async with running_stack(redis_url, demo_model_dir, start_worker=False) as stack:
+        request = greedy_request("def queued():", 1500, ignore_eos=True)
+        request.request_id = "queued-then-cancelled"
+        call = stack.stub.GenerateStream(request)
+        while not (event := await call.read()).HasField("queued"):
+            pass
+        # No worker runs: the cancel notice reaches nobody; the job stays queued with its cancel flag set.
+        await stack.stub.Cancel(api.CancelRequest(request_id="queued-then-cancelled"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(stack.worker.run(stop, heartbeat_s=0.5, shutdown_grace_s=2))
+        try:
+            # The worker starts the job at once and reads the flag meanwhile: it stops within a step.
+            events = []
+            while (event := await call.read()) is not grpc.aio.EOF:
+                events.append(event)
+            assert events[-1].finished.stop_reason == api.STOP_REASON_CANCELLED, events[-1]
+            assert stack.worker.counts["taken"] == 1 and not stack.worker.requests
+            counts = stack.worker.counts
+            assert counts["STOP_REASON_CANCELLED"] + counts["STOP_REASON_CANCELLED_before_start"] == 1, counts
+            assert counts["generated_tokens"] <= 1, counts
+            assert stack.worker.engine.stats().num_running == 0
+        finally:
+            stop.set()
+            await task
+
+
 async def test_gateway_drain_finishes_in_flight_streams_and_refuses_new_ones(redis_url: str, demo_model_dir: Path):
     async with running_stack(redis_url, demo_model_dir) as stack:
         call = stack.stub.GenerateStream(greedy_request("def drain():", 60, ignore_eos=True))

@@ -239,7 +239,10 @@ class Worker:
         return req
 
     async def _screen(self, taken: list[Running]) -> None:
-        """Refuse the unservable, drop the cancelled and expired, queue the rest for the engine."""
+        """Refuse the unservable, drop the expired, queue the rest for the engine at once; then drop those
+        whose client cancelled before this worker took them (a flag in Redis, read after queueing so that its
+        round trip is not on every request's time to first token: a cancelled job is rare, and at worst it
+        computes one step before it is stopped, unseen by its client, who has gone)."""
         fresh: list[Running] = []
         superseded: list[bytes] = []
         for req in taken:
@@ -249,28 +252,34 @@ class Worker:
             else:
                 self.book.take(req)  # from here on, a cancel notice finds it
                 fresh.append(req)
-        with contextlib.suppress(RedisError, OSError):
-            await self.leases.release(superseded)
-        taken, outbox = fresh, Outbox()
-        flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in taken]) if taken else []
+        outbox = Outbox()
         now_ms = time.time() * 1000
-        for req, cancel_flag in zip(taken, flags, strict=True):
+        for req in fresh:
             job = req.job
-            if self.requests.get(req.request_id) is not req:
-                continue  # ended while the flags were read (expired, cancelled): it has had its final event
             if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
                 self.book.finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
-            elif cancel_flag is not None:
-                self.book.finish_unstarted(req, outbox, api.STOP_REASON_CANCELLED)
             elif job.tokenizer_fingerprint and job.tokenizer_fingerprint != self.fingerprint:
-                self.book.fail(
-                    req, outbox, grpc.StatusCode.FAILED_PRECONDITION, "the worker serves a different tokenizer"
-                )
+                message = "the worker serves a different tokenizer"
+                self.book.fail(req, outbox, grpc.StatusCode.FAILED_PRECONDITION, message)
             else:
                 self._to_add.append(req)
+        self._wake.set()
         if outbox:
             await self._emit(outbox)
-        self._wake.set()
+        with contextlib.suppress(RedisError, OSError):
+            await self.leases.release(superseded)
+        if not fresh:
+            return
+        try:
+            flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in fresh])
+        except (RedisError, OSError) as exc:
+            log.warning("cancel_flags_unread", error=str(exc), requests=len(fresh))
+            return
+        for req, cancel_flag in zip(fresh, flags, strict=True):
+            # (Unless it ended meanwhile: expired, cancelled by a notice; it has had its final event.)
+            if cancel_flag is not None and self.requests.get(req.request_id) is req:
+                self._to_abort.setdefault(req.request_id, api.STOP_REASON_CANCELLED)
+                self._wake.set()
 
     # -- cancels and liveness ----------------------------------------------------------------------------
 
@@ -336,18 +345,22 @@ class Worker:
             if outbox:
                 previous = self._publishing
                 self._publishing = asyncio.create_task(self._publish(outbox, after=previous))
-                if previous is not None and not previous.done():
+                if outbox.first_tokens:
+                    # A stream's first token goes out before the next step starts: that step's Python would
+                    # hold the GIL against this loop (for up to the 5 ms switch interval) while the token
+                    # waits to be sent. One Redis round trip per new stream, not per step.
+                    await asyncio.wait({self._publishing})
+                elif previous is not None and not previous.done():
                     # At most one step's events in flight while the next computes: if Redis stalls, so does
                     # the engine, and nothing piles up.
                     await asyncio.wait({previous})
                 else:
-                    # Let the new publish send its command to Redis now: once the next step runs, its Python
-                    # holds the GIL for up to the 5 ms switch interval, and these tokens would wait on it.
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # let the publish send its command before the next step starts
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):  # (deadlines are checked at least this often)
+                        await self._wake.wait()
 
     async def _isolate_failure(self, outbox: Outbox) -> list[RequestOutput]:
         """A step raised. Take every request out of the engine, then put them back one at a time, running a
@@ -408,7 +421,7 @@ class Worker:
     # -- publishing --------------------------------------------------------------------------------------
 
     async def _publish(self, outbox: Outbox, after: asyncio.Task | None = None) -> None:
-        if after is not None:
+        if after is not None and not after.done():  # (awaiting a finished one would still cost a loop turn)
             await asyncio.gather(after, return_exceptions=True)
         await self._emit(outbox)
 

@@ -40,7 +40,7 @@ from codestream.stack import stop_child
 
 PYTHON = sys.executable
 SWEEP = (1, 8, 32, 128)
-TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 20, "seed": 7}
+TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
 
 
 def log(message: str) -> None:

@@ -3,7 +3,8 @@
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
 # steps: any of  tests kernels engine engine-peers serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
+[ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 steps=${*:-tests kernels engine}
@@ -20,7 +21,7 @@ for step in $steps; do
     control) timeout 300 python3 -m benchmarks.parity --control --prompts 8 --new-tokens 24 --out "$OUT" 2>&1 | tail -5 ;;
     parity32) timeout 200 python3 -m benchmarks.parity --dtype float32 --out "$OUT" 2>&1 | tail -4 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --out "$OUT" 2>&1 | tail -36 ;;
-    serving) timeout 570 python3 -m benchmarks.serving --shape codellama-7b --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 ;;
+    serving) timeout 570 python3 -m benchmarks.serving --shape ${SERVING_SHAPE:-codellama-7b} --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 ;;
     engine-peers) timeout 540 python3 -m benchmarks.engine --shape codellama-7b --out "$OUT" 2>&1 | tee "$OUT/engine-peers.log" | tail -40 ;;
   esac
 done

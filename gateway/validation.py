@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from gateway import prompts
 from gateway.config import GatewayConfig
@@ -29,11 +31,17 @@ class InvalidRequest(ValueError):
 class ResolvedRequest:
     request_id: str  # empty: the gateway assigns one
     prompt_token_ids: list[int]
-    prompt_text: str
+    # The prompt's text, or how to get it: a prompt given as token ids is decoded only if its text is asked
+    # for (return_full_text, echo), not on every request's way to its first token (~1 ms for 512 tokens).
+    prompt_source: str | Callable[[], str]
     params: bus.ResolvedParams
     return_full_text: bool
     return_token_ids: bool
     truncated_prompt_tokens: int = 0
+
+    @cached_property
+    def prompt_text(self) -> str:
+        return self.prompt_source if isinstance(self.prompt_source, str) else self.prompt_source()
 
 
 def resolve(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig) -> ResolvedRequest:
@@ -44,7 +52,7 @@ def resolve(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig
 def resolve_parts(
     request: api.GenerateRequest | api.InfillRequest | api.ChatRequest,
     prompt_ids: list[int],
-    prompt_text: str,
+    prompt_text: str | Callable[[], str],
     card: ModelCard,
     config: GatewayConfig,
     extra_stop_token_ids: tuple[int, ...] = (),
@@ -66,7 +74,7 @@ def resolve_parts(
     return ResolvedRequest(
         request_id=request.request_id,
         prompt_token_ids=prompt_ids,
-        prompt_text=prompt_text,
+        prompt_source=prompt_text,
         params=params,
         return_full_text=request.response.return_full_text,
         return_token_ids=request.response.return_token_ids,
@@ -93,7 +101,9 @@ def _fit(prompt_ids: list[int], request, card: ModelCard, config: GatewayConfig)
     return kept, len(prompt_ids) - len(kept)
 
 
-def _prompt(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig) -> tuple[list[int], str]:
+def _prompt(
+    request: api.GenerateRequest, card: ModelCard, config: GatewayConfig
+) -> tuple[list[int], str | Callable[[], str]]:
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidRequest("prompt", "required (set prompt or prompt_token_ids)")
@@ -109,7 +119,7 @@ def _prompt(request: api.GenerateRequest, card: ModelCard, config: GatewayConfig
     bad = next((t for t in ids if t >= card.vocab_size), None)
     if bad is not None:
         raise InvalidRequest("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {card.vocab_size})")
-    return ids, card.tokenizer.decode(ids, skip_special_tokens=True)
+    return ids, lambda: card.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _sampling(s: api.SamplingParameters, card: ModelCard, config: GatewayConfig, out: bus.ResolvedParams) -> None:

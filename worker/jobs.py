@@ -99,7 +99,6 @@ class JobBook:
         if out.new_token_ids or out.text:
             self.counts["generated_tokens"] += len(out.new_token_ids)
             sample = req.samples[out.index]
-            outbox.first_tokens |= not sample.generated
             sample.generated.extend(out.new_token_ids)
             sample.sent_text += out.text
             outbox.add(req, events.token_chunk(req.request_id, req.next_seq(), out))

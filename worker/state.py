@@ -89,8 +89,6 @@ class Outbox:
     """Events of one step, in order, for one emit (see emitter.py)."""
 
     emissions: list[Emission] = field(default_factory=list)
-    # Holds a stream's first token: published before the next step starts (see Worker._engine_loop).
-    first_tokens: bool = False
 
     def add(self, req: Running, event: api.GenerateEvent, final: bool = False) -> None:
         self.emissions.append(

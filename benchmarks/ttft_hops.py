@@ -1,0 +1,149 @@
+"""Where a request's time to first token goes between the client and the engine: hop timestamps.
+
+A diagnostic, not part of the service. `instrument DEST` writes copies of the gateway and worker modules
+with a timestamp at each hop of a request's way to its first token (gateway: handler start, request
+resolved, Generation opened, job enqueued, first token routed and yielded; worker: job read, screened,
+added to the engine, first scheduled, first token sampled, step back on the loop, emit sent and answered)
+plus the module that writes them (`HOP <request id> <name> <unix time>` on stderr, with CODESTREAM_HOPS=1).
+Copy DEST over a checkout, run the serving benchmark's TTFT phase with CODESTREAM_HOPS=1, then
+`report GATEWAY_LOG WORKER_LOG` prints the median and p90 of each hop over the measured requests.
+
+    python -m benchmarks.ttft_hops instrument /tmp/hops && cp -r /tmp/hops/* .
+    CODESTREAM_HOPS=1 python -m benchmarks.serving --phases ttft --out /tmp/out
+    python -m benchmarks.ttft_hops report /tmp/out/serving-gateway.log /tmp/out/serving-worker.log
+
+The copies are made by text substitution on the current sources; an anchor that no longer matches fails
+loudly. benchmarks/serving_ab.sh runs this on the GPU machine next to the uninstrumented figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HOPS_MODULE = '''"""Hop timestamps (benchmarks/ttft_hops.py): `HOP <request id> <name> <unix time>` on stderr."""
+
+import os
+import sys
+import time
+
+ON = os.environ.get("CODESTREAM_HOPS") == "1"
+LAST = None  # (handler start, request resolved) of the request being opened
+
+
+def hop(request_id, name):
+    if ON:
+        sys.stderr.write(f"HOP {request_id} {name} {time.time():.6f}\\n")
+'''
+
+IMPORT = "from codestream import _hops"
+
+# (file, anchor, replacement): each anchor must occur in the file; its first occurrence is replaced.
+EDITS = [
+    ("gateway/servicer.py", "        try:\n            resolved = resolve_request()\n",
+     f"        {IMPORT}\n        started = _hops.time.time()\n"
+     "        try:\n            resolved = resolve_request()\n"),
+    ("gateway/servicer.py",
+     "        remaining = context.time_remaining()\n        if remaining is not None and remaining <= 0:\n",
+     "        _hops.LAST = (started, _hops.time.time())\n        remaining = context.time_remaining()\n"
+     "        if remaining is not None and remaining <= 0:\n"),
+    ("gateway/generations.py", "        if request_id in self.active:\n",
+     f"        {IMPORT}\n        if _hops.LAST:\n"
+     "            _hops.hop(request_id, f'g_recv@{_hops.LAST[0]:.6f}')\n"
+     "            _hops.hop(request_id, f'g_resolved@{_hops.LAST[1]:.6f}')\n"
+     "            _hops.hop(request_id, 'g_open')\n        if request_id in self.active:\n"),
+    ("gateway/generations.py", "        if not verdict.admitted:\n",
+     "        _hops.hop(request_id, 'g_enqueued')\n        if not verdict.admitted:\n"),
+    ("gateway/router.py", "            inbox = self.inboxes.get(event.request_id)\n",
+     f"            inbox = self.inboxes.get(event.request_id)\n            {IMPORT}\n"
+     "            _hops.hop(event.request_id, 'g_dispatch')\n"),
+    ("gateway/generation.py", "                if out.HasField(\"tokens\"):\n",
+     f"                if out.HasField(\"tokens\"):\n                    {IMPORT}\n"
+     "                    _hops.hop(self.request_id, 'g_yield')\n"),
+    ("worker/service.py", "                    req = await self._parse(entry_id, fields)\n",
+     f"                    req = await self._parse(entry_id, fields)\n                    {IMPORT}\n"
+     "                    _hops.hop(req.request_id, 'w_read')\n"),
+    ("worker/service.py", "                self._to_add.append(req)\n        self._wake.set()\n",
+     f"                self._to_add.append(req)\n        {IMPORT}\n"
+     "        for r in fresh:\n            _hops.hop(r.request_id, 'w_screened')\n        self._wake.set()\n"),
+    ("worker/service.py",
+     "                continue  # cancelled while queued\n            try:\n                self._add_to_engine(req)\n",
+     f"                continue  # cancelled while queued\n            try:\n                {IMPORT}\n"
+     "                _hops.hop(req.request_id, 'w_adding')\n                self._add_to_engine(req)\n"
+     "                _hops.hop(req.request_id, 'w_added')\n"),
+    ("worker/service.py", "                for out in outputs:\n                    self.book.collect(out, outbox)\n",
+     f"                {IMPORT}\n                for out in outputs:\n"
+     "                    _hops.hop(out.request_id, 'w_step_back')\n"
+     "                    self.book.collect(out, outbox)\n"),
+    ("worker/emitter.py", "        fenced = await self._emit(keys=keys, args=args)\n",
+     f"        {IMPORT}\n        for e in emissions:\n            _hops.hop(e.request_id, 'w_emit_call')\n"
+     "        fenced = await self._emit(keys=keys, args=args)\n"
+     "        for e in emissions:\n            _hops.hop(e.request_id, 'w_emit_done')\n"),
+    ("worker/engine/engine.py", "                seq.first_scheduled_time = now\n",
+     f"                seq.first_scheduled_time = now\n                {IMPORT}\n"
+     "                _hops.hop(seq.request_id, 'w_sched')\n"),
+    ("worker/engine/engine.py", "                seq.first_token_time = now\n",
+     f"                seq.first_token_time = now\n                {IMPORT}\n"
+     "                _hops.hop(seq.request_id, 'w_token')\n"),
+]  # fmt: skip
+
+ORDER = [
+    "g_recv", "g_resolved", "g_open", "g_enqueued", "w_read", "w_screened", "w_adding", "w_added", "w_sched",
+    "w_token", "w_step_back", "w_emit_call", "w_emit_done", "g_dispatch", "g_yield",
+]  # fmt: skip
+
+
+def instrument(dest: Path) -> None:
+    texts: dict[str, str] = {}
+    for path, anchor, replacement in EDITS:
+        text = texts.get(path) or (ROOT / path).read_text()
+        if anchor not in text:
+            raise SystemExit(f"{path}: anchor not found (the source changed): {anchor!r}")
+        texts[path] = text.replace(anchor, replacement, 1)
+    texts["codestream/_hops.py"] = HOPS_MODULE
+    for path, text in texts.items():
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).write_text(text)
+    print(f"instrumented copies of {len(texts) - 1} modules under {dest}")
+
+
+def report(logs: list[Path], skip: int = 3) -> None:
+    """Median and p90 of each hop, over the requests that passed every hop (the first `skip`: warm-up)."""
+    seen: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for path in logs:
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.startswith("HOP "):
+                continue
+            _, request_id, name, at = line.split()
+            name, _, stamped = name.partition("@")  # g_recv@<time>: taken earlier, written at g_open
+            seen[request_id].setdefault(name, float(stamped or at))
+    rows = [hops for hops in seen.values() if all(name in hops for name in ORDER)][skip:]
+    print(f"{len(rows)} requests")
+    for a, b in itertools.pairwise(ORDER):
+        gaps = sorted((row[b] - row[a]) * 1000 for row in rows)
+        print(f"{a:>12} -> {b:<12} median {statistics.median(gaps):7.3f} ms  p90 {gaps[int(0.9 * len(gaps))]:7.3f}")
+    outside = [(row["g_yield"] - row["g_recv"] - (row["w_token"] - row["w_sched"])) * 1000 for row in rows]
+    print(f"handler start -> first token yielded, less the engine's step: median {statistics.median(outside):.3f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("instrument").add_argument("dest", type=Path)
+    rep = sub.add_parser("report")
+    rep.add_argument("logs", type=Path, nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "instrument":
+        instrument(args.dest)
+    else:
+        report(args.logs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

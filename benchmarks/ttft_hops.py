@@ -65,12 +65,12 @@ EDITS = [
     ("gateway/generation.py", "                if out.HasField(\"tokens\"):\n",
      f"                if out.HasField(\"tokens\"):\n                    {IMPORT}\n"
      "                    _hops.hop(self.request_id, 'g_yield')\n"),
-    ("worker/service.py", "                    req = await self._parse(entry_id, fields)\n",
+    ("worker/intake.py", "                    req = await self._parse(entry_id, fields)\n",
      f"                    req = await self._parse(entry_id, fields)\n                    {IMPORT}\n"
      "                    _hops.hop(req.request_id, 'w_read')\n"),
-    ("worker/service.py", "                self._to_add.append(req)\n        self._wake.set()\n",
-     f"                self._to_add.append(req)\n        {IMPORT}\n"
-     "        for r in fresh:\n            _hops.hop(r.request_id, 'w_screened')\n        self._wake.set()\n"),
+    ("worker/intake.py", "            else:\n                self._start(req)\n",
+     f"            else:\n                {IMPORT}\n"
+     "                _hops.hop(req.request_id, 'w_screened')\n                self._start(req)\n"),
     ("worker/service.py",
      "                continue  # cancelled while queued\n            try:\n                self._add_to_engine(req)\n",
      f"                continue  # cancelled while queued\n            try:\n                {IMPORT}\n"

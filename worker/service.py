@@ -2,10 +2,12 @@
 
 Tasks sharing one event loop:
   intake     XREADGROUP new jobs (as many as the engine can take), screen them, queue them for the engine;
-  reclaim    take over jobs whose worker stopped renewing its lease, continuing them where they were;
+  reclaim    take over jobs whose worker stopped renewing its lease, continuing them where they were
+             (these two: intake.py);
   heartbeat  renew this worker's leases (and drop jobs it lost), refresh its liveness key;
   cancels    one subscription to the cancel channel;
-  engine     apply queued adds/aborts and expired deadlines, run one engine step in a thread, emit.
+  engine     apply queued adds/aborts and expired deadlines, run one engine step (on the engine thread, or
+             on this loop when nothing else runs), emit.
 
 Only the engine task touches the engine, between steps, so the engine needs no locks. A step's events go
 out in one script call (emitter.py) while the next step computes; emits are chained, so events reach each
@@ -24,14 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from protos import api, bus
-from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
+from protos.keys import Keys
 from worker.emitter import Emitter
 from worker.engine import LLMEngine, RequestOutput
+from worker.intake import Intake
 from worker.jobs import JobBook
-from worker.leases import Claimed, Held, Leases
+from worker.leases import Held, Leases
 from worker.metrics import WorkerMetrics
 from worker.state import Outbox, Running
 
@@ -57,18 +60,20 @@ class Worker:
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
-        self.fingerprint = fingerprint
-        self.lease_s = lease_s
         self.leases = Leases(redis, keys, worker_id, lease_s, max_deliveries)
         self.emitter = Emitter(redis, keys, event_log_ttl_s)
         self.book = JobBook()  # the jobs taken, and their outcomes
+        # Jobs held at once: enough to keep a full batch plus a queue behind it.
+        self.intake = Intake(
+            redis, keys, worker_id, fingerprint, self.leases, self.emitter, self.book,
+            max_taken=2 * engine.config.max_num_seqs, lease_s=lease_s,
+            start=self._queue_start, stop=self._queue_stop, emit=self._emit,
+        )  # fmt: skip
         self._to_add: list[Running] = []
         self._to_abort: dict[str, int] = {}  # request id -> api.StopReason, or DROP
         self._wake = asyncio.Event()
         self._draining = False
         self._publishing: asyncio.Task | None = None
-        # Jobs held at once: enough to keep a full batch plus a queue behind it.
-        self.max_taken = 2 * engine.config.max_num_seqs
         self.tasks: list[asyncio.Task] = []
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.metrics = WorkerMetrics(self)
@@ -86,10 +91,10 @@ class Worker:
     async def run(self, stop: asyncio.Event, heartbeat_s: float = 2.0, shutdown_grace_s: float = 60.0) -> None:
         """Serve until `stop` is set, then drain: take no new jobs, finish running ones within the grace,
         hand the rest back for other workers to continue."""
-        await self._ensure_group()
+        await self.intake.ensure_group()
         feeders = [
-            asyncio.create_task(self._intake(), name="intake"),
-            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self.intake.new_jobs(), name="intake"),
+            asyncio.create_task(self.intake.reclaimed_jobs(), name="reclaim"),
         ]
         helpers = [
             asyncio.create_task(self._cancels(), name="cancels"),
@@ -121,6 +126,16 @@ class Worker:
             await asyncio.wait_for(self.redis.delete(self.keys.worker(self.worker_id)), timeout=2)
         log.info("worker_stopped", worker_id=self.worker_id, counts=dict(self.counts))
 
+    def _queue_start(self, req: Running) -> None:
+        """(Intake) a screened job, for the engine loop to add before its next step."""
+        self._to_add.append(req)
+        self._wake.set()
+
+    def _queue_stop(self, request_id: str, stop_reason: int) -> None:
+        """(Intake) a job to end before the engine's next step (unless another ending is queued already)."""
+        self._to_abort.setdefault(request_id, stop_reason)
+        self._wake.set()
+
     async def _drained(self) -> None:
         while self.requests:
             await self.book.freed()
@@ -138,149 +153,6 @@ class Worker:
             await self.leases.hand_back([r.entry_id for r in remaining])
         self.counts["handed_back"] += len(remaining)
         log.info("jobs_handed_back", count=len(remaining))
-
-    async def _ensure_group(self) -> None:
-        try:
-            # From id 0: jobs enqueued before any worker existed are served too.
-            await self.redis.xgroup_create(self.keys.jobs, self.keys.worker_group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    # -- taking jobs -------------------------------------------------------------------------------------
-
-    async def _room(self) -> int:
-        while (room := self.max_taken - len(self.requests)) <= 0:
-            await self.book.freed()
-        return room
-
-    async def _intake(self) -> None:
-        keys = self.keys
-        while True:
-            room = await self._room()
-            try:
-                reply = await self.redis.xreadgroup(
-                    keys.worker_group, self.worker_id, {keys.jobs: ">"}, count=room, block=1000
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    log.warning("intake_error", error=str(exc))
-                    await asyncio.sleep(0.5)
-                    continue
-                # Redis lost the stream and its group (restarted without persistence): make them again.
-                log.warning("jobs_group_recreated", error=str(exc))
-                await self._ensure_group()
-                continue
-            except (RedisError, OSError) as exc:
-                log.warning("intake_error", error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            taken = []
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    req = await self._parse(entry_id, fields)
-                    if req is not None:
-                        taken.append(req)
-            if taken:
-                await self._screen(taken)
-
-    async def _reclaim_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 2)
-            try:
-                claimed = await self.leases.reclaim(await self._room())
-                resumed = [req for c in claimed if (req := await self._resume(c)) is not None]
-            except (RedisError, OSError) as exc:
-                log.warning("reclaim_error", error=str(exc))
-                continue
-            if resumed:
-                await self._screen(resumed)
-
-    async def _parse(self, entry_id: bytes, fields: dict, attempt: int = 1) -> Running | None:
-        try:
-            job_bytes = fields[JOB_FIELD]
-            return Running(bus.Job.FromString(job_bytes), entry_id, job_bytes, attempt=attempt)
-        except Exception:
-            log.error("bad_job_entry", entry_id=entry_id)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self.keys.jobs, self.keys.worker_group, entry_id)
-                pipe.xdel(self.keys.jobs, entry_id)
-                await pipe.execute()
-            return None
-
-    async def _resume(self, claimed: Claimed) -> Running | None:
-        """A job taken over from a dead worker: dead-letter it if it has failed too often, else continue it
-        from its event log (the tokens the client already has are prefilled, not generated again)."""
-        req = await self._parse(claimed.entry_id, {JOB_FIELD: claimed.job_bytes}, attempt=claimed.deliveries)
-        if req is None:
-            return None
-        rid = req.request_id
-        self.counts["reclaimed"] += 1
-        if claimed.deliveries > self.leases.max_deliveries:
-            reason = "too many deliveries"
-            await self.leases.dead_letter(claimed.job_bytes, claimed.entry_id, claimed.deliveries, reason)
-            outbox = Outbox()
-            req.seq = max(await self.emitter.claim(rid, req.attempt), 0)
-            self.book.fail(req, outbox, grpc.StatusCode.ABORTED, f"the job failed on {claimed.deliveries - 1} workers")
-            await self._emit(outbox)
-            self.counts["dead_lettered"] += 1
-            return None
-        last_seq = await self.emitter.claim(rid, req.attempt)
-        if last_seq < 0:
-            return None  # a newer attempt runs it
-        req.seq = last_seq
-        logged = await self.redis.xrange(self.keys.event_log(rid), "-", f"{last_seq}-0")
-        req.restore(api.GenerateEvent.FromString(fields[EVENT_FIELD]) for _entry_id, fields in logged)
-        if not req.unfinished:
-            await self.redis.xack(self.keys.jobs, self.keys.worker_group, claimed.entry_id)
-            return None  # it had finished; only the acknowledgement was missing
-        tokens = sum(len(s.generated) for s in req.samples.values())
-        log.info("job_resumed", request_id=rid, attempt=req.attempt, seq=last_seq, tokens=tokens)
-        return req
-
-    async def _screen(self, taken: list[Running]) -> None:
-        """Refuse the unservable, drop the expired, queue the rest for the engine at once; then drop those
-        whose client cancelled before this worker took them (a flag in Redis, read after queueing so that its
-        round trip is not on every request's time to first token: a cancelled job is rare, and at worst it
-        computes a step or two before it is stopped, unseen by its client, who has gone)."""
-        fresh: list[Running] = []
-        superseded: list[bytes] = []
-        for req in taken:
-            if req.request_id in self.requests:  # not a new job: a new lease for the one running
-                if (entry_id := self.book.adopt(req)) is not None:
-                    superseded.append(entry_id)
-            else:
-                self.book.take(req)  # from here on, a cancel notice finds it
-                fresh.append(req)
-        outbox = Outbox()
-        now_ms = time.time() * 1000
-        for req in fresh:
-            job = req.job
-            if job.deadline_unix_ms and now_ms > job.deadline_unix_ms:
-                self.book.finish_unstarted(req, outbox, api.STOP_REASON_DEADLINE)
-            elif job.tokenizer_fingerprint and job.tokenizer_fingerprint != self.fingerprint:
-                message = "the worker serves a different tokenizer"
-                self.book.fail(req, outbox, grpc.StatusCode.FAILED_PRECONDITION, message)
-            else:
-                self._to_add.append(req)
-        self._wake.set()
-        if outbox:
-            await self._emit(outbox)
-        with contextlib.suppress(RedisError, OSError):
-            await self.leases.release(superseded)
-        if not fresh:
-            return
-        await asyncio.sleep(0)  # the engine loop first: it starts these jobs, then the flags are read
-        try:
-            flags = await self.redis.mget([self.keys.cancelled(r.request_id) for r in fresh])
-        except (RedisError, OSError) as exc:
-            log.warning("cancel_flags_unread", error=str(exc), requests=len(fresh))
-            return
-        for req, cancel_flag in zip(fresh, flags, strict=True):
-            # (Unless it ended meanwhile: expired, cancelled by a notice; it has had its final event.)
-            if cancel_flag is not None and self.requests.get(req.request_id) is req:
-                self._to_abort.setdefault(req.request_id, api.STOP_REASON_CANCELLED)
-                self._wake.set()
 
     # -- cancels and liveness ----------------------------------------------------------------------------
 

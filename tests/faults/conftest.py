@@ -256,6 +256,16 @@ class Cluster:
         raw = await self.admin.get(self.keys.worker(worker.name))
         return json.loads(raw) if raw else None
 
+    async def heartbeat_after(self, worker: Process, at: float, timeout_s: float = 5) -> dict[str, Any]:
+        """The worker's first heartbeat written after `at` (time.time()): its counts as of then or later."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            beat = await self.heartbeat(worker)
+            if beat and beat["time"] > at:
+                return beat
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{worker.name} wrote no heartbeat within {timeout_s} s")
+
     async def event_log(self, request_id: str) -> list[api.GenerateEvent]:
         entries = await self.admin.xrange(self.keys.event_log(request_id))
         return [api.GenerateEvent.FromString(fields[EVENT_FIELD]) for _id, fields in entries]

@@ -129,7 +129,8 @@ async def test_client_cancel_frees_the_slot_within_one_step(
     client_log = LogFollower(cluster.admin, cluster.keys.event_log("cancel-by-client")).start()
     try:
         await wait_for(lambda: len(rpc_log.events) >= 20 and len(client_log.events) >= 20, what="20 chunks")
-        before = await cluster.heartbeat(worker)
+        before = await cluster.heartbeat_after(worker, time.time())
+        assert before["running"] >= 2, before
 
         await after_a_step(rpc_log)
         rpc_issued_seq = rpc_log.last_seq_at(time.time())
@@ -145,8 +146,8 @@ async def test_client_cancel_frees_the_slot_within_one_step(
         await wait_for(lambda: client_log.finished_at() is not None, timeout_s=5, what="Finished after the client left")
         client_seq = client_log.last_seq_at(client_at)
 
-        freed = time.monotonic()
-        while (beat := await cluster.heartbeat(worker)) and beat["running"] > before["running"] - 2:
+        freed, finished_at = time.monotonic(), time.time()
+        while (beat := await cluster.heartbeat_after(worker, finished_at))["running"] > before["running"] - 2:
             assert time.monotonic() - freed < 1.0, f"running still {beat['running']} (was {before['running']})"
             await asyncio.sleep(0.02)
         freed_seen = time.monotonic() - freed

@@ -247,7 +247,7 @@ async def test_deadlines_in_a_backlog_expire_promptly_and_never_start(
     first_finish = {e["request_id"]: e for e in reversed(finishes)}
     assert first_finish.keys() == accepted, sorted(accepted ^ first_finish.keys())
     # Once each: a job that expires while the intake still reads its cancel flag is finished by whichever
-    # of the two comes first (Worker._screen skips a job that ended meanwhile).
+    # of the two comes first (Intake._screen skips a job that ended meanwhile).
     assert len(finishes) == len(first_finish), [e["request_id"] for e in finishes]
     assert all(e["reason"] in ("STOP_REASON_DEADLINE", "STOP_REASON_CANCELLED") for e in finishes), finishes
     assert all(not e.get("generated_tokens") for e in finishes), finishes

@@ -294,6 +294,24 @@ async def test_errors_have_openai_shape_and_status(redis_url: str, demo_model_di
         assert not gateway.generations.active
 
 
+async def test_a_client_sets_its_own_deadline_with_a_header(redis_url: str, demo_model_dir: Path):
+    # No worker runs: the job waits in the queue until the deadline ends it.
+    settings = {"request_timeout_s": 30.0, "deadline_grace_s": 0.1}
+    gateway_alone = http_gateway(redis_url, demo_model_dir, **settings)
+    async with gateway_alone as (gateway, url), aiohttp.ClientSession() as session:
+        body = {"model": model_id(gateway), "prompt": "def f():", "max_tokens": 4}
+        for bad in ("soon", "0", "-1", "nan", "inf"):
+            status, answer = await post(session, f"{url}/v1/completions", body, {"X-Request-Timeout": bad})
+            assert_error(status, answer, 400, "X-Request-Timeout", "seconds")
+        started = time.monotonic()
+        status, answer = await post(session, f"{url}/v1/completions", body, {"X-Request-Timeout": "0.5"})
+        elapsed = time.monotonic() - started
+        assert_error(status, answer, 504, None)
+        assert answer["error"]["code"] == "deadline_exceeded"
+        assert 0.5 <= elapsed < 5, elapsed  # the client's 0.5 s, not the gateway's 30 s
+        assert not gateway.generations.active
+
+
 async def test_api_keys_and_admission_apply_as_on_grpc(redis_url: str, demo_model_dir: Path, tmp_path: Path):
     keys = tmp_path / "api-keys"
     keys.write_text(f"tenant-a:{KEY}\n")

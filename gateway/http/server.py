@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ log = structlog.get_logger("gateway.http")
 MAX_BODY_BYTES = 16 * 2**20
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OPEN_ROUTES = frozenset({"/health"})  # load balancer probes carry no key
+TIMEOUT_HEADER = "X-Request-Timeout"  # the client's deadline in seconds (HTTP has no standard one)
 TENANT = web.RequestKey("tenant", str)
 # The status a streamed response is counted under: 200 was sent before it could fail or be abandoned.
 OUTCOME = web.RequestKey("outcome", int)
@@ -134,7 +136,7 @@ class HttpApi:
         traceparent = request.headers.get("traceparent", "")
         try:
             generations = await open_all(
-                self.generations, resolved, self.config.request_timeout_s, request[TENANT],
+                self.generations, resolved, self._timeout_s(request), request[TENANT],
                 traceparent if TRACEPARENT.match(traceparent) else "",
             )  # fmt: skip
         except RequestRejected as exc:
@@ -149,6 +151,21 @@ class HttpApi:
             return _json_response(plan.output.response(run, choices))
         finally:
             run.close()
+
+    def _timeout_s(self, request: web.Request) -> float:
+        """The client's deadline, from `X-Request-Timeout` (seconds, as gRPC's deadline; the gateway's
+        --request-timeout-s still caps it), else --request-timeout-s."""
+        limit = self.config.request_timeout_s
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return limit
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise HttpError(400, f"{TIMEOUT_HEADER}: a number of seconds > 0, got {raw[:40]!r}", param=TIMEOUT_HEADER)
+        return min(timeout, limit)
 
     async def _stream(self, request: web.Request, run: Run, output: Output) -> web.StreamResponse:
         """Server-sent events: `data: {chunk}` per update, then `data: [DONE]`. An error after the 200 went out

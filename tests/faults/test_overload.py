@@ -119,8 +119,13 @@ async def test_overload_at_5x_capacity_sheds_the_excess_and_admitted_requests_ke
     latency = sorted(s.duration for s in admitted)
     bound = 2.0 * unloaded + 1.0
     assert latency[-1] <= bound, f"an admitted request took {latency[-1]:.2f} s (unloaded: {unloaded:.2f} s)"
-    # Nothing left admitted once the streams ended (every admission released), nothing left running.
-    assert await cluster.admin.zcard(cluster.keys.inflight) == 0
+    # Nothing left admitted once the streams ended: every admission released (the gateway releases it just
+    # after a stream's end, in a task of its own, so the last ones may take a moment).
+    for _ in range(100):
+        if not (inflight := await cluster.admin.zcard(cluster.keys.inflight)):
+            break
+        await asyncio.sleep(0.02)
+    assert inflight == 0, f"{inflight} admissions not released 2 s after their streams ended"
     # Memory: shedding buffers nothing; three bursts leave the gateway where the first left it.
     growth = rss.peak - rss_start
     drift = rss_after[-1] - rss_after[0]

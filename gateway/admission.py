@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from protos.keys import JOB_FIELD, Keys
 
-# KEYS: jobs, attached, claim, inflight, inflight tokens, tenant inflight, tenant bucket
+# KEYS: jobs, attached, claim, inflight, inflight tokens, tenant inflight, tenant bucket, the request's attempt hash
 # ARGV: job, gateway id, ttl s, has claim (0/1), now ms, request id, deadline ms, tokens,
 #       max requests, max tokens, tenant max concurrency, tenant rate (tokens/s), tenant burst
 # Returns {admitted (0/1), reason, retry after ms}.
@@ -57,8 +57,13 @@ if rate > 0 then
     return {0, 'rate', math.ceil((tokens - level) * 1000 / rate)}
   end
 end
-if ARGV[4] == '1' and not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
-  return {0, 'exists', 0}
+-- A client-chosen id is taken while its request is in flight (the claim) and while its events are kept (the
+-- attempt hash lives as long as the event log): a new job under it would be fenced and deduplicated against
+-- the old one's events.
+if ARGV[4] == '1' then
+  if redis.call('EXISTS', KEYS[8]) == 1 or not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
+    return {0, 'exists', 0}
+  end
 end
 if level ~= nil then
   redis.call('HSET', KEYS[7], 'level', level - tokens, 'ts', now)
@@ -128,7 +133,8 @@ class Admission:
         burst = limits.tenant_token_burst or int(10 * limits.tenant_tokens_per_s)
         admitted, reason, retry = await self._enqueue(
             keys=[keys.jobs, keys.attached(request_id), keys.request_claim(request_id), keys.inflight,
-                  keys.inflight_tokens, keys.tenant_inflight(tenant), keys.tenant_bucket(tenant)],
+                  keys.inflight_tokens, keys.tenant_inflight(tenant), keys.tenant_bucket(tenant),
+                  keys.attempt(request_id)],
             args=[job, self.gateway_id, ttl, int(claim), int(time.time() * 1000), request_id, int(deadline * 1000),
                   tokens, limits.max_requests, limits.max_tokens, limits.tenant_max_concurrency,
                   limits.tenant_tokens_per_s, burst],

@@ -271,5 +271,5 @@ class Generation:
             owner.spawn(owner.admission.release(self.request_id, self.tenant))
         if cancel and not self.finished:
             owner.spawn(owner.cancel_after_grace(self.request_id))
-        elif self.resolved.request_id:
-            owner.spawn(owner.redis.delete(owner.keys.request_claim(self.request_id)))
+        # A client-chosen id's claim is left to expire (past the request's deadline), not deleted: until then
+        # its job may still be in a worker, and a new job under the same id would be taken for it.

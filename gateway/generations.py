@@ -139,7 +139,10 @@ class Generations:
             generation.admitted = False
             generation.close(cancel=False)
             if verdict.reason == "exists":
-                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id {client_id!r} is in flight")
+                raise RequestRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"request_id {client_id!r} is in flight, or its events are still kept (Resume reads them)",
+                )
             self.rejected[verdict.reason] += 1
             self.metrics.rejected.labels(verdict.reason).inc()
             raise RequestRejected(
@@ -172,7 +175,6 @@ class Generations:
             if request_id in self.resumed:
                 return
         await self.cancel(request_id)
-        await self.redis.delete(self.keys.request_claim(request_id))
 
     async def resume(
         self, client_id: str, after_seq: int, timeout_s: float, tenant: str = ""

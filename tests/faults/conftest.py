@@ -256,15 +256,17 @@ class Cluster:
         raw = await self.admin.get(self.keys.worker(worker.name))
         return json.loads(raw) if raw else None
 
-    async def heartbeat_after(self, worker: Process, at: float, timeout_s: float = 5) -> dict[str, Any]:
-        """The worker's first heartbeat written after `at` (time.time()): its counts as of then or later."""
-        deadline = time.monotonic() + timeout_s
+    async def wait_heartbeat(
+        self, worker: Process, where: Callable[[dict[str, Any]], bool] = lambda _: True, timeout_s: float = 5
+    ) -> dict[str, Any]:
+        """The worker's first heartbeat (liveness key) that satisfies `where`; fails after `timeout_s`."""
+        deadline, beat = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
             beat = await self.heartbeat(worker)
-            if beat and beat["time"] > at:
+            if beat and where(beat):
                 return beat
             await asyncio.sleep(0.02)
-        raise AssertionError(f"{worker.name} wrote no heartbeat within {timeout_s} s")
+        raise AssertionError(f"{worker.name}: no such heartbeat within {timeout_s} s (last: {beat})")
 
     async def event_log(self, request_id: str) -> list[api.GenerateEvent]:
         entries = await self.admin.xrange(self.keys.event_log(request_id))

@@ -129,7 +129,8 @@ async def test_client_cancel_frees_the_slot_within_one_step(
     client_log = LogFollower(cluster.admin, cluster.keys.event_log("cancel-by-client")).start()
     try:
         await wait_for(lambda: len(rpc_log.events) >= 20 and len(client_log.events) >= 20, what="20 chunks")
-        before = await cluster.heartbeat_after(worker, time.time())
+        now = time.time()
+        before = await cluster.wait_heartbeat(worker, lambda beat: beat["time"] > now)
         assert before["running"] >= 2, before
 
         await after_a_step(rpc_log)
@@ -147,7 +148,8 @@ async def test_client_cancel_frees_the_slot_within_one_step(
         client_seq = client_log.last_seq_at(client_at)
 
         freed, finished_at = time.monotonic(), time.time()
-        while (beat := await cluster.heartbeat_after(worker, finished_at))["running"] > before["running"] - 2:
+        after_finish = lambda beat: beat["time"] > finished_at  # noqa: E731
+        while (beat := await cluster.wait_heartbeat(worker, after_finish))["running"] > before["running"] - 2:
             assert time.monotonic() - freed < 1.0, f"running still {beat['running']} (was {before['running']})"
             await asyncio.sleep(0.02)
         freed_seen = time.monotonic() - freed

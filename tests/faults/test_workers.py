@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -22,25 +23,23 @@ from tests.faults.conftest import (
 )
 
 
-async def wait_running(cluster: Cluster, worker: Process, n: int, timeout_s: float = 30) -> None:
-    """Until the worker's heartbeat says it runs `n` sequences."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        beat = await cluster.heartbeat(worker)
-        if beat and beat["running"] == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{worker.name} never ran {n} sequences (last heartbeat {beat})")
-
-
-async def wait_heartbeat(cluster: Cluster, worker: Process, timeout_s: float = 5) -> bool:
-    """Until the worker's liveness key is there (a worker resumed from SIGSTOP renews it within a beat)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await cluster.heartbeat(worker):
-            return True
-        await asyncio.sleep(0.05)
-    return False
+async def streams_on(
+    cluster: Cluster,
+    stub: Any,
+    a: Process,
+    b: Process,
+    prompts: list[str],
+    max_new: int,
+    timeout_s: float,
+    chunks: int,
+) -> list[tuple[Stream, asyncio.Task[Stream], Any]]:
+    """Streams that all run on worker A (B's intake paused while they are taken), each `chunks` chunks in."""
+    async with cluster.intake_paused(b):
+        calls = [open_stream(stub, generate_request(p, max_new), timeout_s=timeout_s) for p in prompts]
+        await cluster.wait_heartbeat(a, lambda beat: beat["running"] == len(prompts), timeout_s=30)
+    streams = [s for s, _, _ in calls]
+    await wait_for(lambda: all(len(s.chunks) >= chunks for s in streams), what=f"{chunks} chunks on every stream")
+    return calls
 
 
 def first_arrival_after(stream: Stream, seq: int) -> float:
@@ -60,12 +59,9 @@ async def test_kill_9_worker_mid_generation_streams_continue_on_the_other(
     await cluster.ready(a, b, gateway)
     stub = cluster.stub(gateway)
 
-    async with cluster.intake_paused(b):  # every job goes to A
-        calls = [open_stream(stub, generate_request(p, max_new), timeout_s=120) for p in prompts]
-        await wait_running(cluster, a, n_streams)
+    calls = await streams_on(cluster, stub, a, b, prompts, max_new, timeout_s=120, chunks=10)
     streams = [s for s, _, _ in calls]
-    await wait_for(lambda: all(len(s.chunks) >= 10 for s in streams), what="10 chunks on every stream")
-    assert await wait_heartbeat(cluster, b), "worker B is not heartbeating"
+    await cluster.wait_heartbeat(b)
 
     killed_at = time.monotonic()
     a.kill()
@@ -101,11 +97,8 @@ async def test_sigstop_past_the_lease_then_sigcont_no_duplicate_and_fenced_write
     await cluster.ready(a, b, gateway)
     stub = cluster.stub(gateway)
 
-    async with cluster.intake_paused(b):
-        calls = [open_stream(stub, generate_request(p, max_new), timeout_s=120) for p in prompts]
-        await wait_running(cluster, a, n_streams)
-    streams: list[Stream] = [s for s, _, _ in calls]
-    await wait_for(lambda: all(len(s.chunks) >= 10 for s in streams), what="10 chunks on every stream")
+    calls = await streams_on(cluster, stub, a, b, prompts, max_new, timeout_s=120, chunks=10)
+    streams = [s for s, _, _ in calls]
 
     paused_at = time.monotonic()
     a.send(signal.SIGSTOP)
@@ -148,11 +141,8 @@ async def test_sigterm_worker_finishes_in_flight_streams_and_takes_nothing_new(
     await cluster.ready(a, b, gateway)
     stub = cluster.stub(gateway)
 
-    async with cluster.intake_paused(b):
-        calls = [open_stream(stub, generate_request(p, max_new), timeout_s=60) for p in prompts]
-        await wait_running(cluster, a, n_streams)
+    calls = await streams_on(cluster, stub, a, b, prompts, max_new, timeout_s=60, chunks=5)
     streams = [s for s, _, _ in calls]
-    await wait_for(lambda: all(len(s.chunks) >= 5 for s in streams), what="5 chunks on every stream")
 
     signalled_at = time.monotonic()
     a.send(signal.SIGTERM)

@@ -157,6 +157,7 @@ def start_engine(
     # What actually runs, where this engine version says (getattr: internals move, the benchmark must not).
     record["attention_backend"] = getattr(engine.runner, "backend_name", None)
     record["cuda_graphs"] = getattr(engine.runner, "graphs", None) is not None
+    record["gemv"] = getattr(engine.runner, "gemv_timings", None)
     if torch.cuda.is_available() and model.device.type == "cuda":
         record["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(model.device)
         record["gpu_memory_free_bytes"] = torch.cuda.mem_get_info(model.device)[0]
@@ -164,6 +165,8 @@ def start_engine(
         f"engine: started in {record['startup_s']:.2f} s, KV pool {record['kv_capacity_tokens']:,} tokens, "
         f"attention {record['attention_backend']}, CUDA graphs {record['cuda_graphs']}"
     )
+    if record["gemv"]:
+        log(f"batch-1 products, ms per pass (Triton gemv vs cuBLAS, per weight shape): {record['gemv']}")
     return engine
 
 

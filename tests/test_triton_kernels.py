@@ -174,3 +174,34 @@ def test_rotary_write_kv_rotates_q_in_place_and_stores_rotated_k_and_v(heads, kv
     assert relative_error(q, ref_q.double()) < tolerance
     assert relative_error(k_cache.view(-1, kv_heads, 32)[slots], ref_k.double()) < tolerance
     assert torch.equal(v_cache.view(-1, kv_heads, 32)[slots], v)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "tile"),
+    [
+        (64, 256, (4, 128, 4, 2)),  # every tile full
+        (40, 300, (8, 128, 4, 2)),  # rows and columns past the last full tile (masked)
+        (48, 96, (16, 256, 4, 1)),  # one partial column tile
+        (7, 128, (1, 128, 2, 1)),  # one row per program
+    ],
+)
+def test_gemv_matches_reference(n, k, tile):
+    from worker.engine import triton_gemv as tg
+
+    weight = torch.randn(n, k, dtype=DTYPE, device=DEVICE)
+    x = torch.randn(1, k, dtype=DTYPE, device=DEVICE)
+    out = tg.gemv(x, weight, tg.Tile(*tile))
+    assert out.shape == (1, n) and out.dtype == DTYPE
+    assert relative_error(out, x.double() @ weight.double().T) < TOLERANCE
+
+
+def test_gemv_table_keeps_cublas_outside_a_graph_capture_and_for_other_shapes():
+    from worker.engine import triton_gemv as tg
+
+    table = tg.GemvTable({(8, 64)})
+    x = torch.randn(1, 64, dtype=DTYPE, device=DEVICE)
+    weight = torch.randn(8, 64, dtype=DTYPE, device=DEVICE)
+    # Eager (not capturing) and a shape not in the table both go to F.linear: bit-identical to it.
+    assert torch.equal(table.linear(x, weight), torch.nn.functional.linear(x, weight))
+    other = torch.randn(16, 64, dtype=DTYPE, device=DEVICE)
+    assert torch.equal(table.linear(x, other), torch.nn.functional.linear(x, other))

@@ -39,6 +39,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     # With the Triton backend: fused q/k/v and gate/up projections, fused norm / rotary / SiLU kernels.
     fused_kernels: bool = True
+    # With fused kernels on CUDA: batch-1 matrix products through triton_gemv where it beats cuBLAS on this
+    # card (timed at start-up, per weight shape).
+    triton_gemv: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
     # Benchmark stand-ins: random weights of the directory's config.json instead of loading weight files.

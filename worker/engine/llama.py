@@ -6,7 +6,8 @@ Two versions of the same computation:
 - `FusedLlama` (GPU) runs the same weights through fewer, larger kernels: q/k/v as one matrix product
   and gate/up as another (the transformers modules keep working on views of the fused weights), residual
   add + RMSNorm and SiLU*up each in one Triton kernel (triton_ops.py), rotary fused with the K/V store
-  (triton_attention.py).
+  (triton_attention.py). At batch 1 the matrix products may go through triton_gemv's kernel instead of
+  cuBLAS (`use_gemv`: the model runner times both on the card at start-up).
 
 Both take (input_ids, positions, attention metadata, rows to sample) and return float32 logits.
 """
@@ -73,12 +74,26 @@ class FusedLlama:
             attn, mlp = layer.self_attn, layer.mlp
             self.qkv_weights.append(_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate_up_weights.append(_fuse(mlp.gate_proj, mlp.up_proj))
+        self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every matrix the forward pass multiplies by, in the order of a step."""
+        layers = self.model.model.layers
+        per_layer = [
+            (self.qkv_weights[i], layer.self_attn.o_proj.weight, self.gate_up_weights[i], layer.mlp.down_proj.weight)
+            for i, layer in enumerate(layers)
+        ]
+        return [w for ws in per_layer for w in ws] + [self.model.lm_head.weight]
+
+    def use_gemv(self, table) -> None:
+        """Route one-row products through `table.linear` (triton_gemv.GemvTable)."""
+        self.linear = table.linear
 
     @torch.inference_mode()
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, sample_indices: torch.Tensor | None
     ) -> torch.Tensor:
-        ops = self.ops
+        ops, linear = self.ops, self.linear
         llama = self.model.model
         hidden = llama.embed_tokens(input_ids)
         residual = None
@@ -86,17 +101,17 @@ class FusedLlama:
         n = hidden.shape[0]
         for i, layer in enumerate(llama.layers):
             x, residual = ops.add_rms_norm(hidden, layer.input_layernorm.weight, self.eps, residual)
-            qkv = F.linear(x, self.qkv_weights[i])
+            qkv = linear(x, self.qkv_weights[i])
             q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-            hidden = F.linear(attend(i, q, k, v, (cos, sin)).reshape(n, -1), layer.self_attn.o_proj.weight)
+            hidden = linear(attend(i, q, k, v, (cos, sin)).reshape(n, -1), layer.self_attn.o_proj.weight)
             x, residual = ops.add_rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps, residual)
-            hidden = F.linear(ops.silu_mul(F.linear(x, self.gate_up_weights[i])), layer.mlp.down_proj.weight)
+            hidden = linear(ops.silu_mul(linear(x, self.gate_up_weights[i])), layer.mlp.down_proj.weight)
         if sample_indices is not None:
             hidden, residual = hidden[sample_indices], residual[sample_indices]
         x, _ = ops.add_rms_norm(hidden, llama.norm.weight, self.eps, residual)
-        return F.linear(x, self.model.lm_head.weight).float()
+        return linear(x, self.model.lm_head.weight).float()
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:

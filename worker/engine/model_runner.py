@@ -75,6 +75,14 @@ class ModelRunner:
         # Fused kernels go with the Triton backend; the torch path is transformers' own arithmetic.
         fused = backend == "triton" and config.fused_kernels
         self.llama = (FusedLlama if fused else TorchLlama)(self.model, self.cos, self.sin)
+        # ms per pass over each weight shape, ours vs cuBLAS (benchmarks and the worker log print them).
+        self.gemv_timings: dict[str, dict[str, float]] = {}
+        if fused and self.device.type == "cuda" and config.triton_gemv:
+            from worker.engine.triton_gemv import GemvTable
+
+            table, self.gemv_timings = GemvTable.build(self.llama.weights())
+            self.llama.use_gemv(table)
+            torch.cuda.empty_cache()  # the timing graphs' pools, before free memory sizes the KV cache
 
         self.num_blocks = config.num_blocks or self._num_blocks_from_memory()
         # One more than the block manager hands out: block 0 is the null block (see block_manager.py).

@@ -1,0 +1,144 @@
+"""Matrix-vector product for one-token decode steps: y = x @ W.T with x of one row.
+
+At batch 1 a decode step is nothing but reading the weights once (13.5 GB for Code Llama 7B), so its time
+is the weight bytes over the bandwidth the matrix-vector kernels reach. cuBLAS's kernels for these shapes
+reach 2.6-2.96 TB/s on an H100 (benchmarks/gemv.py), below the ~3.0 TB/s a plain copy gets. This kernel
+streams W row-tiles with wide loads, several in flight per program (num_stages), keeps a float32
+accumulator per element of the tile and reduces it once at the end, so the loop body is loads and FMAs.
+
+Each weight shape gets the tile that benchmarks/gemv.py found fastest on the H100 (TILES); a shape not
+listed takes DEFAULT_TILE. `GemvTable.build` checks at start-up, on the card in use, that the kernel beats
+F.linear for each shape of the model, and keeps F.linear where it does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_n: int  # weight rows per program
+    block_k: int  # columns per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+DEFAULT_TILE = Tile(4, 512, 4, 4)
+# (N, K) -> best tile measured on the H100 by benchmarks/gemv.py (filled in from its sweep).
+TILES: dict[tuple[int, int], Tile] = {}
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, Y, N, K, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(X + k + cols)
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=(rows < N)[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            in_k = (k + cols) < K
+            x = tl.load(X + k + cols, mask=in_k, other=0.0)
+            w = tl.load(w_ptrs, mask=(rows < N)[:, None] & in_k[None, :], other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if EVEN_N:
+        tl.store(Y + rows, y.to(Y.dtype.element_ty))
+    else:
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows < N)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N], accumulated in float32 and rounded to x's dtype as F.linear."""
+    n, k = weight.shape
+    assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1
+    tile = tile or TILES.get((n, k), DEFAULT_TILE)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
+        x, weight, y, n, k, weight.stride(0),
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_N=n % tile.block_n == 0, EVEN_K=k % tile.block_k == 0,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def time_graph(fn: Callable[[], object], replays: int = 20) -> float:
+    """Milliseconds per call of `fn` captured in a CUDA graph (launch overhead excluded), median of 5."""
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[2]
+
+
+def time_products(product: Callable[..., torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor], **kw) -> float:
+    """Milliseconds for product(x, w, **kw) over all `weights` in one CUDA graph: as in a step, each weight
+    comes from HBM (one 4096x4096 bf16 weight, 32 MB, would otherwise sit in the 50 MB L2)."""
+    return time_graph(lambda: [product(x, w, **kw) for w in weights])
+
+
+class GemvTable:
+    """Which weight shapes the decode path at batch 1 runs through `gemv` (the others through F.linear)."""
+
+    def __init__(self, shapes: set[tuple[int, int]]) -> None:
+        self.shapes = shapes
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Only inside a CUDA graph capture: launched from Python, a Triton kernel costs ~20 us of host time
+        # against cuBLAS's few, which an eager step (a one-token prompt) would pay 129 times.
+        if (
+            x.shape[0] == 1
+            and tuple(weight.shape) in self.shapes
+            and x.is_contiguous()
+            and x.is_cuda
+            and torch.cuda.is_current_stream_capturing()
+        ):
+            return gemv(x, weight)
+        return F.linear(x, weight)
+
+    @classmethod
+    def build(cls, weights: list[torch.Tensor]) -> tuple[GemvTable, dict[str, float]]:
+        """Time gemv against F.linear on each distinct weight shape (all weights of that shape, in a CUDA
+        graph, so that they come from HBM as in a step); keep gemv where it is faster. Returns the table and
+        the timings (ms per pass over all weights of a shape) for the log."""
+        if not weights or weights[0].dtype not in (torch.bfloat16, torch.float16):
+            return cls(set()), {}  # float32 runs keep cuBLAS's arithmetic (the parity checks rely on it)
+        by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for w in weights:
+            by_shape.setdefault(tuple(w.shape), []).append(w)
+        chosen, timings = set(), {}
+        for (n, k), group in by_shape.items():
+            x = torch.randn(1, k, dtype=group[0].dtype, device=group[0].device)
+            ours, theirs = time_products(gemv, x, group), time_products(F.linear, x, group)
+            timings[f"{n}x{k}"] = {"gemv_ms": round(ours, 4), "cublas_ms": round(theirs, 4)}
+            if ours < theirs:
+                chosen.add((n, k))
+        return cls(chosen), timings

@@ -51,6 +51,7 @@ from benchmarks.engine_setup import (
     model_facts,
 )
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
+from worker.engine.engine import StepTiming
 from worker.engine.model_runner import resolve_device, resolve_dtype
 
 WORKLOAD_NAMES = ("w1", "s1", "t1")
@@ -205,7 +206,7 @@ def run_ours(
 
     measure("warmup", warm_up)
     if "s1" in selected:
-        measure("s1", lambda: stream_figures(*stream(engine, prompts.fresh(w.s1_prompt), w.s1_new_tokens, "s1")))
+        measure("s1", lambda: run_s1(engine, prompts, w))
     if "t1" in selected:
         measure("t1", lambda: run_t1(engine, prompts, w))
     if "w1" in selected:
@@ -221,6 +222,18 @@ def stream(engine: LLMEngine, prompt: list[int], new_tokens: int, request_id: st
     while engine.has_unfinished():
         times.extend(time.perf_counter() for out in engine.step() if out.new_token_ids)
     return start, times, len(times)
+
+
+def run_s1(engine: LLMEngine, prompts: Prompts, w: Workloads) -> dict[str, Any]:
+    """S1's figures, plus the host time per step by phase (engine.StepTiming): what the GPU waits for."""
+    engine.step_timing = StepTiming()
+    figures = stream_figures(*stream(engine, prompts.fresh(w.s1_prompt), w.s1_new_tokens, "s1"))
+    timing = dataclasses.asdict(engine.step_timing)
+    steps = max(timing.pop("steps"), 1)
+    figures["host_ms_per_step"] = {k.removesuffix("_s"): round(v / steps * 1e3, 4) for k, v in timing.items()
+                                   if k.endswith("_s")}  # fmt: skip
+    log(f"s1 host time per step, ms (sample includes the wait for the GPU): {figures['host_ms_per_step']}")
+    return figures
 
 
 def run_t1(engine: LLMEngine, prompts: Prompts, w: Workloads) -> dict[str, Any]:

@@ -75,6 +75,9 @@ class FusedLlama:
             self.qkv_weights.append(_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate_up_weights.append(_fuse(mlp.gate_proj, mlp.up_proj))
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self.silu_mul_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda gate_up, weight: F.linear(
+            self.ops.silu_mul(gate_up), weight
+        )
 
     def weights(self) -> list[torch.Tensor]:
         """Every matrix the forward pass multiplies by, in the order of a step."""
@@ -87,13 +90,13 @@ class FusedLlama:
 
     def use_gemv(self, table) -> None:
         """Route one-row products through `table.linear` (triton_gemv.GemvTable)."""
-        self.linear = table.linear
+        self.linear, self.silu_mul_linear = table.linear, table.silu_mul_linear
 
     @torch.inference_mode()
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, sample_indices: torch.Tensor | None
     ) -> torch.Tensor:
-        ops, linear = self.ops, self.linear
+        ops, linear, silu_mul_linear = self.ops, self.linear, self.silu_mul_linear
         llama = self.model.model
         hidden = llama.embed_tokens(input_ids)
         residual = None
@@ -107,7 +110,7 @@ class FusedLlama:
             v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
             hidden = linear(attend(i, q, k, v, (cos, sin)).reshape(n, -1), layer.self_attn.o_proj.weight)
             x, residual = ops.add_rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps, residual)
-            hidden = linear(ops.silu_mul(linear(x, self.gate_up_weights[i])), layer.mlp.down_proj.weight)
+            hidden = silu_mul_linear(linear(x, self.gate_up_weights[i]), layer.mlp.down_proj.weight)
         if sample_indices is not None:
             hidden, residual = hidden[sample_indices], residual[sample_indices]
         x, _ = ops.add_rms_norm(hidden, llama.norm.weight, self.eps, residual)

@@ -93,22 +93,6 @@ def main() -> None:
         print(f"{name:<9}{f'{n} x {k}':>14}{gbs[0]:>9,.0f}{gbs[1]:>10,.0f}{gbs[2]:>9,.0f}  "
               f"{(best.block_n, best.block_k, best.num_warps, best.num_stages)!s:<33}{err:.1e}")  # fmt: skip
 
-    # The MLP's second half as the engine runs it at batch 1: SiLU*up then the down product, in two kernels
-    # (triton_ops.silu_mul + cuBLAS) or in one (gemv with the SiLU*up prologue).
-    from worker.engine.triton_ops import silu_mul
-
-    gate_up = torch.randn(1, 2 * INTERMEDIATE, dtype=torch.bfloat16, device="cuda")
-    down_tile = tg.Tile(**results["down"]["tile"])
-    two = tg.time_products(lambda x, w: F.linear(silu_mul(x), w), gate_up, weights["down"])
-    one = tg.time_products(tg.gemv, gate_up, weights["down"], tile=down_tile, silu_mul=True)
-    fused_ok = torch.equal(tg.gemv(gate_up, weights["down"][0], down_tile, silu_mul=True),
-                           tg.gemv(silu_mul(gate_up), weights["down"][0], down_tile))  # fmt: skip
-    results["down_silu"] = {"silu_then_cublas_ms": two, "fused_gemv_ms": one, "same_as_unfused": fused_ok}
-    print(
-        f"down with SiLU*up over {args.layers} layers: silu_mul + cuBLAS {two:.3f} ms, fused gemv {one:.3f} ms "
-        f"(bit-identical to unfused gemv: {fused_ok})"
-    )
-
     # The whole step's products in layer order, each version with its best choice per shape.
     order = [w for i in range(args.layers) for w in (weights["qkv"][i], weights["o"][i], weights["gate_up"][i],
                                                      weights["down"][i])] + weights["lm_head"]  # fmt: skip

@@ -55,6 +55,62 @@ def steady_state(engine: LLMEngine, streams: int, prompt: int, warm_steps: int, 
     }  # fmt: skip
 
 
+def launch_gap(engine: LLMEngine, prompt: int = 128, steps: int = 100) -> dict:
+    """One stream, no profiler: how much of a decode step's wall time the GPU is not busy, and which host
+    work makes up that gap (the decode graph's replay call, the input copies, everything else)."""
+    graphs = engine.runner.graphs
+    plans = []
+    run = graphs.run
+    graphs.run = lambda plan: plans.append(plan) or run(plan)  # keep the plans the engine replays
+    params = SamplingParams(max_new_tokens=steps + 60, ignore_eos=True)
+    engine.add_request("gap", [1, *range(3, prompt + 2)], params)
+    for _ in range(20):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step_ms = (time.perf_counter() - start) / steps * 1e3
+    graphs.run = run
+    plan = plans[-1]
+    graph, _ = graphs.graphs[1]
+
+    def ms(fn, n=50) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(50):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    gpu_ms = a.elapsed_time(b) / 50  # back to back: GPU time of one replay
+
+    def replay_host() -> None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        times.append(time.perf_counter() - t0)
+
+    times: list[float] = []
+    ms(replay_host)
+    replay_call_ms = sum(times) / len(times) * 1e3
+    result = {
+        "step_wall_ms": step_ms,
+        "graph_gpu_ms": gpu_ms,
+        "replay_then_sync_ms": ms(lambda: (graph.replay(), torch.cuda.synchronize())),
+        "replay_call_host_ms": replay_call_ms,
+        "graphs_run_host_ms": ms(lambda: (graphs.run(plan), torch.cuda.synchronize())) - ms(
+            lambda: (graph.replay(), torch.cuda.synchronize())),
+    }  # fmt: skip
+    engine.abort_request("gap")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="")
@@ -63,6 +119,8 @@ def main() -> None:
     model = build_model("codellama-7b", "", device, torch.bfloat16)
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
     engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
+    gap = launch_gap(engine)
+    print("1 stream, no profiler (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in gap.items() if v is not None))
     results = [steady_state(engine, 1, 128, 20, 40), steady_state(engine, 128, 512, 40, 20)]
     for r in results:
         phases = json.dumps(r["host_phases_ms_per_step"])
@@ -74,7 +132,7 @@ def main() -> None:
             print(f"  {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:5.0f}  {k['name']}")
     if args.out:
         with open(f"{args.out}/profile-decode.json", "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "launch_gap": gap, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

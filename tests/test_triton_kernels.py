@@ -205,16 +205,3 @@ def test_gemv_table_keeps_cublas_outside_a_graph_capture_and_for_other_shapes():
     assert torch.equal(table.linear(x, weight), torch.nn.functional.linear(x, weight))
     other = torch.randn(16, 64, dtype=DTYPE, device=DEVICE)
     assert torch.equal(table.linear(x, other), torch.nn.functional.linear(x, other))
-
-
-@pytest.mark.parametrize(("k", "block_k"), [(256, 128), (200, 128)])
-def test_gemv_silu_mul_prologue_matches_silu_mul_then_gemv(k, block_k):
-    from worker.engine import triton_gemv as tg
-    from worker.engine.triton_ops import silu_mul
-
-    gate_up = torch.randn(1, 2 * k, dtype=DTYPE, device=DEVICE)
-    weight = torch.randn(24, k, dtype=DTYPE, device=DEVICE)
-    tile = tg.Tile(2, block_k, 4, 1)
-    fused = tg.gemv(gate_up, weight, tile, silu_mul=True)
-    assert torch.equal(fused, tg.gemv(silu_mul(gate_up), weight, tile))
-    assert relative_error(fused, silu_mul(gate_up).double() @ weight.double().T) < TOLERANCE

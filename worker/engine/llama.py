@@ -90,13 +90,13 @@ class FusedLlama:
 
     def use_gemv(self, table) -> None:
         """Route one-row products through `table.linear` (triton_gemv.GemvTable)."""
-        self.linear, self.silu_mul_linear = table.linear, table.silu_mul_linear
+        self.linear = table.linear
 
     @torch.inference_mode()
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, sample_indices: torch.Tensor | None
     ) -> torch.Tensor:
-        ops, linear, silu_mul_linear = self.ops, self.linear, self.silu_mul_linear
+        ops, linear = self.ops, self.linear
         llama = self.model.model
         hidden = llama.embed_tokens(input_ids)
         residual = None
@@ -110,7 +110,7 @@ class FusedLlama:
             v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
             hidden = linear(attend(i, q, k, v, (cos, sin)).reshape(n, -1), layer.self_attn.o_proj.weight)
             x, residual = ops.add_rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps, residual)
-            hidden = silu_mul_linear(linear(x, self.gate_up_weights[i]), layer.mlp.down_proj.weight)
+            hidden = linear(ops.silu_mul(linear(x, self.gate_up_weights[i])), layer.mlp.down_proj.weight)
         if sample_indices is not None:
             hidden, residual = hidden[sample_indices], residual[sample_indices]
         x, _ = ops.add_rms_norm(hidden, llama.norm.weight, self.eps, residual)

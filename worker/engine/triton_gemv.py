@@ -31,39 +31,22 @@ class Tile:
 
 
 DEFAULT_TILE = Tile(1, 1024, 8, 4)
-# (N, K) -> the best tile benchmarks/gemv.py measured on an H100 (Code Llama 7B's shapes; one row per
-# program and long column tiles won everywhere, so DEFAULT_TILE is the same).
+# (N, K) -> the best tile benchmarks/gemv.py measured on an H100 (Code Llama 7B's shapes, 2026-11-26; one
+# row per program and long column tiles won everywhere). Fusing SiLU*up into the down product as a prologue
+# was tried and is slower: with one row per program every program recomputes it over all 11,008 columns.
 TILES: dict[tuple[int, int], Tile] = {
-    (12288, 4096): Tile(1, 1024, 8, 4),  # q/k/v
-    (4096, 4096): Tile(1, 1024, 8, 2),  # o
-    (22016, 4096): Tile(1, 1024, 8, 4),  # gate/up
-    (4096, 11008): Tile(1, 1024, 8, 2),  # down
-    (32016, 4096): Tile(1, 1024, 8, 4),  # lm_head
+    (12288, 4096): Tile(1, 2048, 8, 4),  # q/k/v
+    (4096, 4096): Tile(1, 2048, 8, 2),  # o
+    (22016, 4096): Tile(1, 2048, 8, 4),  # gate/up
+    (4096, 11008): Tile(1, 1024, 4, 2),  # down
+    (32016, 4096): Tile(1, 2048, 8, 4),  # lm_head
 }
-
-
-@triton.jit
-def _load_x(X, offs, K, SILU_MUL: tl.constexpr, MASKED: tl.constexpr):
-    """x[offs] in float32; with SILU_MUL, X is [gate | up] (2K wide) and x = silu(gate) * up, rounded to the
-    activation dtype after each op exactly as triton_ops.silu_mul does."""
-    if MASKED:
-        mask = offs < K
-        gate = tl.load(X + offs, mask=mask, other=0.0)
-        up = tl.load(X + K + offs, mask=mask, other=0.0) if SILU_MUL else gate
-    else:
-        gate = tl.load(X + offs)
-        up = tl.load(X + K + offs) if SILU_MUL else gate
-    if SILU_MUL:
-        g = gate.to(tl.float32)
-        activated = (g * tl.sigmoid(g)).to(X.dtype.element_ty)
-        return (activated.to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
-    return gate.to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(
     X, W, Y, N, K, stride_w,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, SILU_MUL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if not EVEN_N:
@@ -73,12 +56,12 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     full = K - K % BLOCK_K
     for k in range(0, full, BLOCK_K):  # whole tiles: no masks in the hot loop
-        x = _load_x(X, k + cols, K, SILU_MUL, False)
+        x = tl.load(X + k + cols).to(tl.float32)
         w = tl.load(w_ptrs, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
     if full < K:  # the last, partial tile
-        x = _load_x(X, full + cols, K, SILU_MUL, True)
+        x = tl.load(X + full + cols, mask=full + cols < K, other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=(full + cols < K)[None, :], other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
@@ -86,16 +69,15 @@ def _gemv_kernel(
     tl.store(Y + out_rows, y, mask=out_rows < N)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile | None = None, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] @ weight[N, K].T -> [1, N], accumulated in float32 and rounded to x's dtype as F.linear.
-    silu_mul: x is [1, 2K] (gate | up) and the product is of silu(gate) * up (triton_ops.silu_mul)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N], accumulated in float32 and rounded to x's dtype as F.linear."""
     n, k = weight.shape
-    assert x.shape == (1, 2 * k if silu_mul else k) and x.is_contiguous() and weight.stride(1) == 1
+    assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1
     tile = tile or TILES.get((n, k), DEFAULT_TILE)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
         x, weight, y, n, k, weight.stride(0),
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_N=n % tile.block_n == 0, SILU_MUL=silu_mul,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVEN_N=n % tile.block_n == 0,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return y
@@ -146,20 +128,6 @@ class GemvTable:
         ):
             return gemv(x, weight)
         return F.linear(x, weight)
-
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """linear(silu_mul(gate_up), weight); at batch 1 in a graph, one kernel (SiLU*up as gemv's prologue)."""
-        if (
-            gate_up.shape[0] == 1
-            and tuple(weight.shape) in self.shapes
-            and gate_up.is_contiguous()
-            and gate_up.is_cuda
-            and torch.cuda.is_current_stream_capturing()
-        ):
-            return gemv(gate_up, weight, silu_mul=True)
-        from worker.engine.triton_ops import silu_mul
-
-        return F.linear(silu_mul(gate_up), weight)
 
     @classmethod
     def build(cls, weights: list[torch.Tensor]) -> tuple[GemvTable, dict[str, float]]:

@@ -25,14 +25,16 @@ _tracer = trace.get_tracer("codestream") if trace is not None else None
 _propagator = TraceContextTextMapPropagator() if trace is not None else None
 
 
-def start(name: str, traceparent: str = "", server: bool = True, **attributes: Any) -> Any:
+def start(
+    name: str, traceparent: str = "", server: bool = True, start_time_ns: int | None = None, **attributes: Any
+) -> Any:
     """A started span, child of `traceparent` when one is given (else a new trace); None without
-    OpenTelemetry. End it with end()."""
+    OpenTelemetry. End it with end(). start_time_ns: when it began, if earlier than now."""
     if _tracer is None:
         return None
     parent = _propagator.extract({"traceparent": traceparent}) if traceparent else None
     kind = SpanKind.SERVER if server else SpanKind.CONSUMER
-    return _tracer.start_span(name, context=parent, kind=kind, attributes=_clean(attributes))
+    return _tracer.start_span(name, context=parent, kind=kind, attributes=_clean(attributes), start_time=start_time_ns)
 
 
 def traceparent_of(span: Any, fallback: str = "") -> str:

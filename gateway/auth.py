@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ import grpc
 import structlog
 
 from gateway.config import GatewayConfig
-from gateway.handlers import handler_behavior, rebuild_handler
+from gateway.handlers import PerMethod, wrap_handler
 
 log = structlog.get_logger("gateway.auth")
 
@@ -183,13 +182,15 @@ def presented_key(metadata: Sequence[Any] | None) -> str | None:
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires a known API key on every RPC outside OPEN_SERVICES.
 
-    The interceptor cannot end a call itself (it has no ServicerContext), so it answers with a handler:
-    one that aborts with UNAUTHENTICATED, or the real one wrapped to set the caller's tenant inside the
-    handler's own execution, which holds whether or not grpc.aio runs interceptor and handler in one
-    context (grpcio 1.85 does; that is not a documented promise)."""
+    The interceptor cannot end a call itself (it has no ServicerContext), so the check runs first inside
+    the handler's own execution: it aborts with UNAUTHENTICATED before the request is parsed (decoding is
+    the innermost interceptor), or sets the caller's tenant there, which holds whether or not grpc.aio runs
+    interceptor and handler in one context (grpcio 1.85 does; that is not a documented promise). Each
+    RPC runs in its own asyncio task, with its own copy of the context: the tenant needs no reset."""
 
     def __init__(self, keys: ApiKeys) -> None:
         self.keys = keys
+        self._wrapped = PerMethod(self._checking)
 
     async def intercept_service(
         self,
@@ -200,57 +201,24 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method  # "/package.Service/Method"
         if handler is None or method.split("/")[1] in OPEN_SERVICES:
             return handler
-        key = presented_key(handler_call_details.invocation_metadata)
-        if key is None:
-            log.info("auth_rejected", method=method, reason="missing")
-            return _rejecting(handler, MISSING_KEY)
-        tenant = self.keys.lookup(key)
-        if tenant is None:
-            log.info("auth_rejected", method=method, reason="invalid")
-            return _rejecting(handler, INVALID_KEY)
-        return _with_tenant(handler, tenant)
+        return self._wrapped.get(handler, method)
 
+    def _checking(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        keys = self.keys
 
-def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    # No request deserializer: an unauthenticated caller's bytes are never parsed.
-    return rebuild_handler(handler, reject, request_deserializer=None)
-
-
-def _with_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
-    behavior = handler_behavior(handler)
-    # grpc.aio picks how to drive a handler by its function type (async generator, coroutine function or
-    # plain function), so the wrapper must be of the same type as what it wraps.
-    # The async forms need no reset: each RPC runs in its own asyncio task, with its own copy of the
-    # context, and a reset from a generator finalized in another context would raise.
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            key = presented_key(context.invocation_metadata())
+            tenant = keys.lookup(key) if key is not None else None
+            if tenant is None:
+                log.info("auth_rejected", method=method, reason="missing" if key is None else "invalid")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY if key is None else INVALID_KEY)
             _tenant.set(tenant)
-            async for response in behavior(request, context):
-                yield response
+            return request
 
-        wrapped: Callable = stream
-    elif inspect.iscoroutinefunction(behavior):
-
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            _tenant.set(tenant)
-            return await behavior(request, context)
-
-        wrapped = call
-    else:
-        # A sync handler runs on a pool thread, whose context outlives the call: reset it.
-        def sync_call(request: Any, context: Any) -> Any:
-            token = _tenant.set(tenant)
-            try:
-                return behavior(request, context)
-            finally:
-                _tenant.reset(token)
-
-        wrapped = sync_call
-    return rebuild_handler(handler, wrapped, request_deserializer=handler.request_deserializer)
+        wrapped = wrap_handler(handler, before=authenticated)
+        if wrapped is None:  # fail closed: a handler we cannot wrap would run unauthenticated
+            raise TypeError(f"{method}: only async handlers can be authenticated")
+        return wrapped
 
 
 def load_api_keys(config: GatewayConfig) -> ApiKeys | None:

@@ -11,21 +11,23 @@ unauthenticated caller's bytes are still never parsed, and the metrics intercept
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
-from gateway.handlers import handler_behavior, rebuild_handler
+from gateway.handlers import PerMethod, wrap_handler
 
 log = structlog.get_logger("gateway.decoding")
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
     """Parses unary requests inside the handler; undecodable bytes -> INVALID_ARGUMENT."""
+
+    def __init__(self) -> None:
+        self._wrapped = PerMethod(_parsing)
 
     async def intercept_service(
         self,
@@ -36,12 +38,11 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         # Streamed requests (reflection) are deserialized message by message by grpcio: left as they are.
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        return _parsing(handler, handler_call_details.method)
+        return self._wrapped.get(handler, handler_call_details.method)
 
 
 def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     parse: Callable[[bytes], Any] = handler.request_deserializer
-    behavior = handler_behavior(handler)
     message = f"request: not a valid {_message_name(parse)} message"
 
     async def decoded(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
@@ -51,24 +52,8 @@ def _parsing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
             log.info("request_undecodable", method=method, size=len(raw))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    # Of the same function type as what it wraps: grpc.aio picks how to drive a handler by it (see auth.py).
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request = await decoded(raw, context)
-            async for response in behavior(request, context):
-                yield response
-
-        wrapped: Callable = stream
-    elif inspect.iscoroutinefunction(behavior):
-
-        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(await decoded(raw, context), context)
-
-        wrapped = call
-    else:
-        return handler  # (every handler here is async)
-    return rebuild_handler(handler, wrapped, request_deserializer=None)
+    # (every handler here is async)
+    return wrap_handler(handler, before=decoded, request_deserializer=None) or handler
 
 
 def _message_name(parse: Callable[[bytes], Any]) -> str:

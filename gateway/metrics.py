@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from gateway.handlers import handler_behavior, rebuild_handler
+from gateway.handlers import PerMethod, wrap_handler
 
 # Latency buckets from 1 ms to 10 min: first tokens and whole generations share them.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -66,6 +64,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
+        self._wrapped = PerMethod(self._counting)
 
     async def intercept_service(
         self,
@@ -73,10 +72,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        behavior = handler_behavior(handler)
+        return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
+
+    def _counting(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        name = method.rsplit("/", 1)[-1]
         count = self.metrics.requests
 
         @contextlib.contextmanager
@@ -96,23 +95,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 final = code or context.code() or grpc.StatusCode.OK
-                count.labels(method, final.name if isinstance(final, grpc.StatusCode) else str(final)).inc()
+                count.labels(name, final.name if isinstance(final, grpc.StatusCode) else str(final)).inc()
 
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with recorded(context):
-                    async for response in behavior(request, context):
-                        yield response
-
-            wrapped: Callable = stream
-        elif inspect.iscoroutinefunction(behavior):
-
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with recorded(context):
-                    return await behavior(request, context)
-
-            wrapped = call
-        else:
-            return handler  # (every handler here is async)
-        return rebuild_handler(handler, wrapped, request_deserializer=handler.request_deserializer)
+        return wrap_handler(handler, around=recorded) or handler  # (every handler here is async)

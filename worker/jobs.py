@@ -29,6 +29,9 @@ class JobBook:
         # Lifetime counts by outcome (jobs taken, finished by stop reason, fenced, reclaimed...).
         self.counts: Counter[str] = Counter()
         self._freed = asyncio.Event()
+        # Jobs put into the engine whose span and log line are not written yet:
+        # (job, when, prompt tokens, tokens it resumed from).
+        self._unannounced: list[tuple[Running, float, int, int]] = []
 
     def take(self, req: Running) -> None:
         self.counts["taken"] += 1
@@ -75,16 +78,26 @@ class JobBook:
                 sample = req.samples[index]
                 engine.add_request(req.request_id, prompt, params, sample.generated, sample.sent_text, index=index)
         self.counts["prompt_tokens"] += len(prompt)
-        if req.span is None:
-            req.span = tracing.start(
-                "codestream.generate", req.job.traceparent, server=False, request_id=req.request_id,
-                attempt=req.attempt, prompt_tokens=len(prompt), samples=len(req.samples),
+        resumed = sum(len(s.generated) for s in req.samples.values())
+        self._unannounced.append((req, time.time(), len(prompt), resumed))
+
+    def announce_started(self) -> None:
+        """The span and `request_started` line of the jobs started since the last call. The service calls
+        this once the step that prefilled them has its events on the way: written before the step, they
+        would delay every first token by their ~0.1 ms. A job that ends first is announced before its end."""
+        pending, self._unannounced = self._unannounced, []
+        for req, started, prompt_tokens, resumed in pending:
+            if req.span is None:
+                req.span = tracing.start(
+                    "codestream.generate", req.job.traceparent, server=False, start_time_ns=int(started * 1e9),
+                    request_id=req.request_id, attempt=req.attempt, prompt_tokens=prompt_tokens,
+                    samples=len(req.samples),
+                )  # fmt: skip
+            log.info(
+                "request_started", request_id=req.request_id, attempt=req.attempt,
+                resumed_tokens=resumed, queue_ms=round(started * 1000 - req.job.accepted_unix_ms, 1),
+                traceparent=req.job.traceparent or None,
             )  # fmt: skip
-        log.info(
-            "request_started", request_id=req.request_id, attempt=req.attempt,
-            resumed_tokens=sum(len(s.generated) for s in req.samples.values()),
-            queue_ms=round(time.time() * 1000 - req.job.accepted_unix_ms, 1), traceparent=req.job.traceparent or None,
-        )  # fmt: skip
 
     async def freed(self) -> None:
         """Wait until a job leaves."""
@@ -107,6 +120,7 @@ class JobBook:
 
     def end_samples(self, req: Running, outbox: Outbox, stop_reason: int, outs: list[RequestOutput]) -> None:
         """Finished events for these samples; the job ends (and is acknowledged) with its last sample."""
+        self.announce_started()
         for out in outs:
             req.samples[out.index].finished = True
             req.stop_reason = api.StopReason.Name(stop_reason)
@@ -131,6 +145,7 @@ class JobBook:
         self.forget(req)
 
     def fail(self, req: Running, outbox: Outbox, code: grpc.StatusCode, message: str) -> None:
+        self.announce_started()
         log.warning("request_failed", request_id=req.request_id, code=code.name, message=message)
         req.error = f"{code.name}: {message}"
         self.counts[f"failed_{code.name}"] += 1
@@ -138,6 +153,7 @@ class JobBook:
         self.forget(req)
 
     def forget(self, req: Running) -> None:
+        self.announce_started()
         # Only this copy: ending a stray second copy of a request must not forget the one that runs.
         if self.requests.get(req.request_id) is req:
             del self.requests[req.request_id]

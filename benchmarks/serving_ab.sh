@@ -14,7 +14,7 @@ for r in rep1 rep2; do OUT=$R/$r SERVING_ARGS="--phases ttft $SHAPE" bash benchm
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* .
 CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
-python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log | tee "$R"/hops/hops.txt
+python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
 restore
 if [ -d "$BASE" ]; then

@@ -4,13 +4,14 @@ A diagnostic, not part of the service. `instrument DEST` writes copies of the ga
 with a timestamp at each hop of a request's way to its first token (gateway: handler start, request
 resolved, Generation opened, job enqueued, first token routed and yielded; worker: job read, screened,
 added to the engine, first scheduled, first token sampled, step back on the loop, emit sent and answered)
-plus the module that writes them (`HOP <request id> <name> <unix time>` on stderr, with CODESTREAM_HOPS=1).
+plus the module that writes them (`HOP <request id> <name> <unix time>` on stderr, with CODESTREAM_HOPS=1);
+and in the benchmark's client (codestream/bench.py), the request sent and its first token received.
 Copy DEST over a checkout, run the serving benchmark's TTFT phase with CODESTREAM_HOPS=1, then
 `report GATEWAY_LOG WORKER_LOG` prints the median and p90 of each hop over the measured requests.
 
     python -m benchmarks.ttft_hops instrument /tmp/hops && cp -r /tmp/hops/* .
     CODESTREAM_HOPS=1 python -m benchmarks.serving --phases ttft --out /tmp/out
-    python -m benchmarks.ttft_hops report /tmp/out/serving-gateway.log /tmp/out/serving-worker.log
+    python -m benchmarks.ttft_hops report /tmp/out/serving-gateway.log /tmp/out/serving-worker.log CLIENT_LOG
 
 The copies are made by text substitution on the current sources; an anchor that no longer matches fails
 loudly. benchmarks/serving_ab.sh runs this on the GPU machine next to the uninstrumented figures.
@@ -34,6 +35,13 @@ import time
 
 ON = os.environ.get("CODESTREAM_HOPS") == "1"
 LAST = None  # (handler start, request resolved) of the request being opened
+_CLIENT = [0]
+
+
+def client_id():
+    """The next client request's name: the client does not know the gateway's request ids."""
+    _CLIENT[0] += 1
+    return f"client-{_CLIENT[0]}"
 
 
 def hop(request_id, name):
@@ -65,6 +73,12 @@ EDITS = [
     ("gateway/generation.py", "                if out.HasField(\"tokens\"):\n",
      f"                if out.HasField(\"tokens\"):\n                    {IMPORT}\n"
      "                    _hops.hop(self.request_id, 'g_yield')\n"),
+    ("codestream/bench.py", "    outcome = Outcome(sent=time.perf_counter())\n",
+     f"    {IMPORT}\n    hop_id = _hops.client_id()\n    _hops.hop(hop_id, 'c_send')\n"
+     "    outcome = Outcome(sent=time.perf_counter())\n"),
+    ("codestream/bench.py", "                else:\n                    outcome.first_token = now\n",
+     "                else:\n                    outcome.first_token = now\n"
+     "                    _hops.hop(hop_id, 'c_first')\n"),
     ("worker/intake.py", "                    req = await self._parse(entry_id, fields)\n",
      f"                    req = await self._parse(entry_id, fields)\n                    {IMPORT}\n"
      "                    _hops.hop(req.request_id, 'w_read')\n"),
@@ -129,6 +143,23 @@ def report(logs: list[Path], skip: int = 3) -> None:
         print(f"{a:>12} -> {b:<12} median {statistics.median(gaps):7.3f} ms  p90 {gaps[int(0.9 * len(gaps))]:7.3f}")
     outside = [(row["g_yield"] - row["g_recv"] - (row["w_token"] - row["w_sched"])) * 1000 for row in rows]
     print(f"handler start -> first token yielded, less the engine's step: median {statistics.median(outside):.3f} ms")
+    # The client's side, matched by time: the request sent last before the handler started.
+    clients = sorted((h["c_send"], h["c_first"]) for h in seen.values() if "c_send" in h and "c_first" in h)
+    matched = []
+    for row in rows:
+        before = [c for c in clients if c[0] <= row["g_recv"] and c[1] >= row["g_yield"]]
+        if before:
+            matched.append((before[-1], row))
+    if matched:
+        to_handler = sorted((row["g_recv"] - sent) * 1000 for (sent, _), row in matched)
+        to_client = sorted((first - row["g_yield"]) * 1000 for (_, first), row in matched)
+        total = [(first - sent - (row["w_token"] - row["w_sched"])) * 1000 for (sent, first), row in matched]
+        print(f"{'c_send':>12} -> {'g_recv':<12} median {statistics.median(to_handler):7.3f} ms  "
+              f"p90 {to_handler[int(0.9 * len(to_handler))]:7.3f}")  # fmt: skip
+        print(f"{'g_yield':>12} -> {'c_first':<12} median {statistics.median(to_client):7.3f} ms  "
+              f"p90 {to_client[int(0.9 * len(to_client))]:7.3f}")  # fmt: skip
+        print(f"client send -> first token received, less the engine's step: median {statistics.median(total):.3f} ms"
+              f" ({len(matched)} requests)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from codestream import settings
 from gateway.config import GatewayConfig
@@ -67,34 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import run_gateway
 
         config = settings.load(GatewayConfig, args)
-        run_server(run_gateway(config, resolve_model(config.model, with_weights=False)))
+        asyncio.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
         return 0
     if args.command == "worker":
         from codestream.models import resolve_model
         from worker.main import run_worker
 
         config = settings.load(WorkerConfig, args)
-        run_server(run_worker(config, resolve_model(config.model)))
+        asyncio.run(run_worker(config, resolve_model(config.model)))
         return 0
     return 2
-
-
-def run_server(main: Coroutine[Any, Any, None]) -> None:
-    """A server process's main coroutine on uvloop, or on asyncio's own loop with CODESTREAM_EVENT_LOOP=asyncio
-    (or where uvloop is not installed). uvloop's loop turn and socket wake-ups cost fewer microseconds, and a
-    request's first token takes a dozen of them between the client, the gateway, Redis and the worker."""
-    choice = os.environ.get("CODESTREAM_EVENT_LOOP", "uvloop")
-    if choice not in ("uvloop", "asyncio"):
-        raise SystemExit(f"CODESTREAM_EVENT_LOOP={choice!r}: expected uvloop or asyncio")
-    if choice == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         max_model_len=config.max_model_len or None,
         enable_prefix_caching=config.enable_prefix_caching,
         cuda_graphs=config.cuda_graphs,
+        triton_gemv=config.triton_gemv,
         fault_poison_token_id=config.fault_poison_token_id,
         random_weights=config.random_weights,
     )
@@ -66,6 +67,8 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         blocks=stats.num_blocks,
         kv_tokens=stats.num_blocks * config.block_size,
         max_model_len=worker.engine.max_model_len,
+        # ms per pass over each weight shape at batch 1 (Triton GEMV vs cuBLAS; the faster one runs).
+        gemv=worker.engine.runner.gemv_timings or None,
     )
     worker.metrics.serve(config.metrics_port)
     # The model, tokenizer and graphs are built and live for good: move them out of the collector's view, so

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  tests kernels gemv engine engine-nogemv engine-peers serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  tests kernels gemv engine engine-nogemv engine-nolookahead engine-peers serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -17,6 +17,7 @@ for step in $steps; do
     engine-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py 2>&1 | tail -25 ;;
     kernels) timeout 240 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;
     gemv) timeout 300 python3 -m benchmarks.gemv --out "$OUT" 2>&1 | tee "$OUT/gemv.log" | tail -14 ;;
+    engine-nolookahead) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --engine decode_lookahead=false --out "$OUT" 2>&1 | tee "$OUT/engine-nolookahead.log" | tail -20 ;;
     engine-nogemv) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --workloads s1,t1 --engine triton_gemv=false --out "$OUT" 2>&1 | tee "$OUT/engine-nogemv.log" | tail -20 ;;
     engine) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --out "$OUT" 2>&1 | tee "$OUT/engine.log" | tail -40 ;;
     parity) timeout 200 python3 -m benchmarks.parity --prompts 32 --new-tokens 64 --out "$OUT" 2>&1 | tail -4 ;;

@@ -61,7 +61,7 @@ def launch_gap(engine: LLMEngine, prompt: int = 128, steps: int = 100) -> dict:
     graphs = engine.runner.graphs
     plans = []
     run = graphs.run
-    graphs.run = lambda plan: plans.append(plan) or run(plan)  # keep the plans the engine replays
+    graphs.run = lambda plan, ids=None: plans.append(plan) or run(plan, ids)  # keep the plans it replays
     params = SamplingParams(max_new_tokens=steps + 60, ignore_eos=True)
     engine.add_request("gap", [1, *range(3, prompt + 2)], params)
     for _ in range(20):

@@ -6,6 +6,7 @@ a gateway process."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -58,10 +59,15 @@ async def test_undecodable_requests_get_invalid_argument_after_auth(
             got = await status_of(stack.channel, method, response, streaming, UNDECODABLE, metadata=metadata)
             expected = f"request: not a valid codestream.v1.{request_type} message"
             assert got == (grpc.StatusCode.INVALID_ARGUMENT, expected), method
-            counted = stack.gateway.generations.metrics.registry.get_sample_value(
-                "codestream_gateway_requests_total", {"method": method, "code": "INVALID_ARGUMENT"}
-            )
-            assert counted == 1, method
+            # grpc.aio's abort sends the status before the handler unwinds, so the count lands just after the
+            # client has its answer.
+            registry = stack.gateway.generations.metrics.registry
+            labels = {"method": method, "code": "INVALID_ARGUMENT"}
+            for _ in range(200):
+                if registry.get_sample_value("codestream_gateway_requests_total", labels) is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert registry.get_sample_value("codestream_gateway_requests_total", labels) == 1, method
 
         # Requests that do decode are served as before, through the same interceptors.
         tokens = await stack.stub.Tokenize(api.TokenizeRequest(text="def f():"), metadata=metadata)

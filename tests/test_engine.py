@@ -306,3 +306,47 @@ def test_a_forked_sample_continues_exactly_like_a_lone_request_with_its_seed(dem
         "solo", prompt, SamplingParams(temperature=0.9, seed=sample_seed(77, 2), max_new_tokens=8, ignore_eos=True)
     )
     assert run_to_completion(alone)["tokens"]["solo"] == tokens[2]
+
+
+def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model_dir: Path) -> None:
+    """lookahead.py: decode steps launched before the previous one is read must give the same tokens, texts
+    and endings as steps read one by one, with sequences ending by EOS, a stop string, max_new_tokens and an
+    abort in the middle, seeded sampling beside greedy, and requests arriving while others decode."""
+    probe = make_engine(demo_model_dir, decode_lookahead=False)
+    probe.add_request("p", probe.tokenizer.encode(PROMPTS[1]).ids, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    end_id = run_to_completion(probe)["tokens"]["p"][5]  # a token greedy decoding reaches: a stop token id
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=30, ignore_eos=True)
+    results = []
+    for lookahead in (False, True):
+        engine = make_engine(demo_model_dir, num_blocks=128, decode_lookahead=lookahead)
+        tok = engine.tokenizer
+        requests = [
+            ("greedy", PROMPTS[0], SamplingParams(max_new_tokens=24, ignore_eos=True)),
+            ("eos", PROMPTS[1], SamplingParams(max_new_tokens=40, stop_token_ids=(end_id,))),
+            ("stop", PROMPTS[0], SamplingParams(max_new_tokens=40, stop=("must",), ignore_eos=True)),
+            ("seeded", PROMPTS[1], seeded),
+            ("aborted", PROMPTS[0], SamplingParams(max_new_tokens=40, ignore_eos=True)),
+        ]
+        for request_id, prompt, params in requests:
+            engine.add_request(request_id, tok.encode(prompt).ids, params)
+        late = [("late", tok.encode(PROMPTS[1]).ids[:7], SamplingParams(max_new_tokens=12, ignore_eos=True))]
+        seen: dict[str, tuple[list[int], str, object]] = {}
+        step = 0
+        while engine.has_unfinished() or late:
+            outputs = engine.abort_request("aborted") if step == 6 else []
+            if step == 9:
+                engine.add_request(*late.pop())
+            for out in outputs + engine.step():
+                ids, text, _ = seen.get(out.request_id, ([], "", None))
+                seen[out.request_id] = (ids + out.new_token_ids, text + out.text, out.finish_reason)
+            step += 1
+        assert engine.stats().num_free_blocks == 128
+        results.append((seen, engine.step_timing.steps_ahead))
+    (plain, ahead_none), (ahead, steps_ahead) = results
+    assert ahead == plain
+    assert ahead_none == 0 and steps_ahead > 10
+    reasons = {request_id: reason for request_id, (_, _, reason) in plain.items()}
+    assert reasons == {
+        "greedy": FinishReason.LENGTH, "eos": FinishReason.EOS, "stop": FinishReason.STOP_SEQUENCE,
+        "seeded": FinishReason.LENGTH, "aborted": FinishReason.ABORTED, "late": FinishReason.LENGTH,
+    }  # fmt: skip

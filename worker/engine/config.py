@@ -44,6 +44,9 @@ class EngineConfig:
     triton_gemv: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
+    # Launch a decode step before the previous one's tokens are read, when nothing but a sequence ending
+    # can change the batch (lookahead.py): the GPU no longer waits for the host's bookkeeping between steps.
+    decode_lookahead: bool = True
     # Benchmark stand-ins: random weights of the directory's config.json instead of loading weight files.
     random_weights: bool = False
     # Fault injection for tests: a step whose input contains this token id raises (-1: off).

@@ -62,8 +62,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns float32 logits [num_seqs, vocab] (a view)."""
+    def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the smallest graph that fits; returns float32 logits [num_seqs, vocab] (a view).
+        input_ids: the ids on the device already (then plan.input_ids are placeholders)."""
         n = plan.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         ids, positions = self.host_ids.numpy(), self.host_positions.numpy()
@@ -73,6 +74,8 @@ class DecodeGraphs:
         positions[n:size] = 0
         self.input_ids[:size].copy_(self.host_ids[:size], non_blocking=True)
         self.positions[:size].copy_(self.host_positions[:size], non_blocking=True)
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)  # device to device, queued after the copy above
         self.backend.load_decode(plan, size)
         graph, logits = self.graphs[size]
         graph.replay()

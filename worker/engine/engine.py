@@ -23,12 +23,13 @@ from transformers import PreTrainedModel
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.lookahead import LaunchedStep, PendingTokens, followers, plan_following
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus, sample_key
-from worker.engine.step_inputs import StepPlan, plan_step
+from worker.engine.step_inputs import plan_step, prompt_logprob_spans
 from worker.engine.tokenizer import load_tokenizer
 
 
@@ -66,6 +67,7 @@ class StepTiming:
     sample_s: float = 0.0  # sampling, including the wait for the GPU to finish the step
     outputs_s: float = 0.0  # detokenization, stop checks, outputs
     batch_tokens: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read (lookahead.py)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}  # by Sequence.key
         self.forks: dict[str, int] = {}  # first sample's key -> samples it forks into after its prefill
         self.step_timing = StepTiming()
+        self._ahead: LaunchedStep | None = None  # a decode step launched before the previous one was read
 
     @property
     def max_model_len(self) -> int:
@@ -182,7 +185,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._ahead is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -197,10 +200,26 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        """Run a step (or take the one launched ahead by the previous call) and return what it produced.
+        Before reading its tokens, the next decode step may be launched behind it (lookahead.py)."""
+        if self._ahead is not None:
+            step, self._ahead = self._ahead, None
+        else:
+            step = self._launch()
+            if step is None:
+                return []
+        # Not while requests wait (they are scheduled next), nor under fault injection (it reads input ids).
+        lookahead = self.config.decode_lookahead and self.config.fault_poison_token_id < 0
+        if lookahead and not (self.scheduler.waiting or self.forks):
+            self._ahead = self._launch_following(step)
+        return self._read(step)
+
+    def _launch(self) -> LaunchedStep | None:
+        """Schedule a step and put it on the GPU, sampling included; nothing waits for it."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return None
         now = time.time()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
@@ -208,69 +227,79 @@ class LLMEngine:
         plan = plan_step(batch, self.config.block_size)
         if self.config.fault_poison_token_id >= 0 and self.config.fault_poison_token_id in plan.input_ids:
             raise RuntimeError("fault injection: poison token in the step's input")
-        prompt_spans = self._prompt_logprob_spans(batch, plan)
-        t1 = time.perf_counter()
+        prompt_spans = prompt_logprob_spans(batch, plan)
+        planned = time.perf_counter()
         if prompt_spans:
-            # Logits of the sampled rows, then of these rows, in this order (see _prompt_logprob_spans).
+            # Logits of the sampled rows, then of these rows, in this order (see step_inputs.prompt_logprob_spans).
             logits = self.runner.run(plan, [row for _, rows, _ in prompt_spans for row in rows])
         else:
             logits = self.runner.run(plan)
-        t2 = time.perf_counter()
         sampled = [batch.seqs[i] for i in plan.sampled_seq_indices]
-        num_sampled = len(plan.sample_indices)
-        result = self.sampler(
-            logits[:num_sampled],
+        tokens = self.sampler.choose(
+            logits[: len(sampled)],
             [s.params for s in sampled],
             [s.num_generated_tokens for s in sampled],
             [s.token_ids for s in sampled],
         )
-        if prompt_spans:
-            self._record_prompt_logprobs(prompt_spans, logits[num_sampled:])
-        t3 = time.perf_counter()
+        return LaunchedStep(
+            batch, plan, sampled, logits, PendingTokens(tokens), prompt_spans,
+            started=started, planned=planned, launched=time.perf_counter(),
+        )  # fmt: skip
 
-        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+    def _launch_following(self, step: LaunchedStep) -> LaunchedStep | None:
+        """The decode step after `step`, launched before `step`'s tokens are read (lookahead.py)."""
+        started = time.perf_counter()
+        seqs = followers(step, self.block_manager, self.max_model_len)
+        if not seqs:
+            return None
+        plan = plan_following(seqs, self.block_manager, self.config.block_size)
+        input_ids = step.tokens.device
+        if len(seqs) < len(step.sampled):
+            rows = [i for i, seq in enumerate(step.sampled) if seq in seqs]
+            input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]
+        planned = time.perf_counter()
+        logits = self.runner.run(plan, input_ids=input_ids)
+        # One more token than each has generated so far: this step's own comes first.
+        tokens = self.sampler.choose(logits, [s.params for s in seqs], [s.num_generated_tokens + 1 for s in seqs])
+        batch = ScheduledBatch(list(seqs), [1] * len(seqs))
+        return LaunchedStep(
+            batch, plan, list(seqs), logits, PendingTokens(tokens), ahead=True,
+            started=started, planned=planned, launched=time.perf_counter(),
+        )  # fmt: skip
+
+    def _read(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a step's tokens, then advance its sequences: counts, cached blocks, stop checks, outputs.
+        A sequence that ended while a step launched ahead was running has computed a token too many: skipped."""
+        token_ids = step.tokens.read()
+        waited = time.perf_counter()
+        params = [s.params for s in step.sampled]
+        logprobs = [None] * len(token_ids) if step.ahead else self.sampler.logprobs(step.logits, token_ids, params)
+        if step.prompt_spans:
+            self._record_prompt_logprobs(step.prompt_spans, step.logits[len(step.sampled) :])
+        for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True):
+            if not seq.is_finished:
+                seq.num_computed_tokens += n
+                self.block_manager.register_full_blocks(seq)
         now = time.time()
         outputs = []
-        for row, (seq, token_id, logprobs) in enumerate(zip(sampled, result.token_ids, result.logprobs, strict=True)):
+        for row, (seq, token_id, lp) in enumerate(zip(step.sampled, token_ids, logprobs, strict=True)):
+            if seq.is_finished:
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             n = self.forks.pop(seq.key, 1) if seq.num_generated_tokens == 0 else 1
             if n > 1:
-                outputs.extend(self._fork(seq, n, logits[row]))
-            outputs.append(self._append_token(seq, token_id, logprobs))
+                outputs.extend(self._fork(seq, n, step.logits[row]))
+            outputs.append(self._append_token(seq, token_id, lp))
         timing = self.step_timing
         timing.steps += 1
-        timing.schedule_s += t1 - t0
-        timing.launch_s += t2 - t1
-        timing.sample_s += t3 - t2  # waits for the GPU: the step's one host sync
-        timing.outputs_s += time.perf_counter() - t3
-        timing.batch_tokens += len(plan.input_ids)
+        timing.schedule_s += step.planned - step.started
+        timing.launch_s += step.launched - step.planned
+        timing.sample_s += waited - step.launched  # waits for the GPU: the step's one host sync
+        timing.outputs_s += time.perf_counter() - waited
+        timing.batch_tokens += len(step.plan.input_ids)
+        timing.steps_ahead += step.ahead
         return outputs
-
-    def _prompt_logprob_spans(self, batch: ScheduledBatch, plan: StepPlan) -> list[tuple[Sequence, range, list[int]]]:
-        """The extra logits rows this step needs for prompt logprobs, per sequence that wants them: (sequence,
-        rows of the packed batch, the prompt tokens those rows predict). Row of position p predicts token
-        p + 1, so positions 0 .. num_prompt_tokens - 2 are needed (the last prompt position is the sampled
-        row); positions already done (before a preemption) are not asked again. Prefix-cache reuse would skip
-        positions without computing them: the scheduler must not reuse a cached prefix for these sequences."""
-        spans = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
-            if seq.prompt_logprobs is None:
-                continue
-            start, done, end = seq.num_computed_tokens, len(seq.prompt_logprobs), seq.num_prompt_tokens - 1
-            lo, hi = max(start, done), min(start + n, end)
-            if lo >= hi:
-                continue
-            if start > done:
-                raise RuntimeError(
-                    f"request {seq.request_id!r}: prompt positions {done}..{start - 1} were taken from the prefix "
-                    "cache without logits; sequences with prompt_logprobs must not reuse cached blocks"
-                )
-            first = plan.query_starts[i] - start
-            spans.append((seq, range(first + lo, first + hi), seq.token_ids[lo + 1 : hi + 1]))
-        return spans
 
     def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range, list[int]]], logits: torch.Tensor) -> None:
         """Turn the extra rows' logits (in span order) into TokenLogprobs appended to each sequence's list."""

@@ -173,11 +173,14 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------------
 
-    def run(self, plan: StepPlan, extra_rows: Sequence[int] = ()) -> torch.Tensor:
+    def run(
+        self, plan: StepPlan, extra_rows: Sequence[int] = (), input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Compute one step; return float32 logits [len(plan.sample_indices) + len(extra_rows), vocab]: the
-        sampled rows in plan order, then `extra_rows` (rows of the packed batch, for prompt logprobs)."""
+        sampled rows in plan order, then `extra_rows` (rows of the packed batch, for prompt logprobs).
+        input_ids: the step's ids already on the device (a decode step launched ahead), else plan's."""
         if self.graphs is not None and plan.is_decode and not extra_rows and plan.num_seqs <= self.graphs.max_batch:
-            return self.graphs.run(plan)
+            return self.graphs.run(plan, input_ids)
         if self.backend_name == "triton" and plan.is_decode:
             # Decode without graphs (CPU interpreter, or graphs disabled): same kernels, static buffers.
             self.backend.load_decode(plan, plan.num_seqs)
@@ -185,7 +188,7 @@ class ModelRunner:
         else:
             meta = self.backend.prepare(plan, self.device)
         dev = self.device
-        ids = _to_device(plan.input_ids, dev)
+        ids = input_ids if input_ids is not None else _to_device(plan.input_ids, dev)
         positions = _to_device(plan.positions, dev)
         rows = plan.sample_indices + list(extra_rows)
         sample = None if plan.is_decode and not extra_rows else _to_device(rows, dev)

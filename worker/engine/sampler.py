@@ -100,6 +100,17 @@ class Sampler:
         """logits: float32 [batch, vocab]; steps[i]: index of the token row i generates (0 = first), i.e. the
         number of tokens it generated so far; histories[i]: its prompt followed by those tokens (the last
         steps[i] entries), needed only by rows with a penalty."""
+        token_ids = self.choose(logits, params, steps, histories).tolist()  # the step's one host sync
+        return SampleResult(token_ids=token_ids, logprobs=self.logprobs(logits, token_ids, params))
+
+    def choose(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        steps: list[int],
+        histories: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """The token of every row, as a tensor on the logits' device: no host sync (see __call__)."""
         processed = self._process(logits, params, steps, histories)
         next_tokens = processed.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -109,8 +120,7 @@ class Sampler:
             keys = [mix_seed(params[i].seed, steps[i]) & _MASK32 for i in sampled_rows]
             noise = exponential_noise(self._tensor(keys, torch.int64), probs.shape[-1])
             next_tokens[rows] = (probs / noise).argmax(dim=-1)
-        token_ids = next_tokens.tolist()  # the step's one host sync
-        return SampleResult(token_ids=token_ids, logprobs=self._logprobs(logits, token_ids, params))
+        return next_tokens
 
     def process(
         self,
@@ -249,7 +259,7 @@ class Sampler:
             out = lp.typical_p(out, f[:, 3], f[:, 3] < 1.0)
         return out
 
-    def _logprobs(
+    def logprobs(
         self, logits: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
     ) -> list[TokenLogprobs | None]:
         """Log-probabilities under the model's own distribution (raw logits, before any processor)."""

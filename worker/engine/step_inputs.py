@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from worker.engine.scheduler import ScheduledBatch
+from worker.engine.sequence import Sequence
 
 
 @dataclass
@@ -58,3 +59,27 @@ def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
             plan.sample_indices.append(len(input_ids) - 1)
             plan.sampled_seq_indices.append(i)
     return plan
+
+
+def prompt_logprob_spans(batch: ScheduledBatch, plan: StepPlan) -> list[tuple[Sequence, range, list[int]]]:
+    """The extra logits rows this step needs for prompt logprobs, per sequence that wants them: (sequence,
+    rows of the packed batch, the prompt tokens those rows predict). Row of position p predicts token
+    p + 1, so positions 0 .. num_prompt_tokens - 2 are needed (the last prompt position is the sampled
+    row); positions already done (before a preemption) are not asked again. Prefix-cache reuse would skip
+    positions without computing them: the scheduler must not reuse a cached prefix for these sequences."""
+    spans = []
+    for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
+        if seq.prompt_logprobs is None:
+            continue
+        start, done, end = seq.num_computed_tokens, len(seq.prompt_logprobs), seq.num_prompt_tokens - 1
+        lo, hi = max(start, done), min(start + n, end)
+        if lo >= hi:
+            continue
+        if start > done:
+            raise RuntimeError(
+                f"request {seq.request_id!r}: prompt positions {done}..{start - 1} were taken from the prefix "
+                "cache without logits; sequences with prompt_logprobs must not reuse cached blocks"
+            )
+        first = plan.query_starts[i] - start
+        spans.append((seq, range(first + lo, first + hi), seq.token_ids[lo + 1 : hi + 1]))
+    return spans

@@ -1,10 +1,12 @@
 """Matrix-vector product for one-token decode steps: y = x @ W.T with x of one row.
 
 At batch 1 a decode step is nothing but reading the weights once (13.5 GB for Code Llama 7B), so its time
-is the weight bytes over the bandwidth the matrix-vector kernels reach. cuBLAS's kernels for these shapes
-reach 2.6-2.96 TB/s on an H100 (benchmarks/gemv.py), below the ~3.0 TB/s a plain copy gets. This kernel
-streams W row-tiles with wide loads, several in flight per program (num_stages), keeps a float32
-accumulator per element of the tile and reduces it once at the end, so the loop body is loads and FMAs.
+is the weight bytes over the bandwidth the matrix-vector kernels reach. On an H100 (benchmarks/gemv.py,
+2026-11-26) cuBLAS reads Code Llama 7B's weights at 2.18-2.72 TB/s depending on the shape (2.63 over a
+whole step), against 3.02 TB/s for a plain read of the same memory; this kernel gets 2.68-3.10 (2.97 over
+a step: 5.03 -> 4.45 ms). Each program streams one weight row (or a few) in long column tiles with wide
+loads, several in flight (num_stages), keeps a float32 accumulator per element of the tile and reduces it
+once at the end, so the loop body is loads and FMAs.
 
 Each weight shape gets the tile that benchmarks/gemv.py found fastest on the H100 (TILES); a shape not
 listed takes DEFAULT_TILE. `GemvTable.build` checks at start-up, on the card in use, that the kernel beats
@@ -130,7 +132,7 @@ class GemvTable:
         return F.linear(x, weight)
 
     @classmethod
-    def build(cls, weights: list[torch.Tensor]) -> tuple[GemvTable, dict[str, float]]:
+    def build(cls, weights: list[torch.Tensor]) -> tuple[GemvTable, dict[str, dict[str, float]]]:
         """Time gemv against F.linear on each distinct weight shape (all weights of that shape, in a CUDA
         graph, so that they come from HBM as in a step); keep gemv where it is faster. Returns the table and
         the timings (ms per pass over all weights of a shape) for the log."""

@@ -32,6 +32,7 @@ class WorkerConfig:
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
     cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU)")
     triton_gemv: bool = setting(True, "batch-1 matrix products through the Triton GEMV where it beats cuBLAS (GPU)")
+    decode_lookahead: bool = setting(True, "launch a decode step before the previous one's tokens are read")
     heartbeat_s: float = setting(2.0, "how often the worker renews its job leases and liveness key")
     lease_s: float = setting(15.0, "a job whose worker has not renewed it for this long is taken over")
     max_deliveries: int = setting(5, "a job delivered more often goes to the dead-letter stream")

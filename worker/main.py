@@ -37,6 +37,7 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         enable_prefix_caching=config.enable_prefix_caching,
         cuda_graphs=config.cuda_graphs,
         triton_gemv=config.triton_gemv,
+        decode_lookahead=config.decode_lookahead,
         fault_poison_token_id=config.fault_poison_token_id,
         random_weights=config.random_weights,
     )

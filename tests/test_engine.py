@@ -350,3 +350,18 @@ def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model
         "greedy": FinishReason.LENGTH, "eos": FinishReason.EOS, "stop": FinishReason.STOP_SEQUENCE,
         "seeded": FinishReason.LENGTH, "aborted": FinishReason.ABORTED, "late": FinishReason.LENGTH,
     }  # fmt: skip
+
+
+def test_a_step_launched_ahead_for_aborted_requests_does_not_delay_the_next_request(demo_model_dir: Path) -> None:
+    engine = make_engine(demo_model_dir, num_blocks=64)
+    ids = engine.tokenizer.encode(PROMPTS[0]).ids
+    engine.add_request("a", ids, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None  # a decode step is in flight, launched ahead
+    engine.abort_request("a")  # (as a worker does when a step fails: everything out, then back one by one)
+    engine.add_request("b", ids, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    (first,) = engine.step()  # b's prefill runs now, not after reading the aborted request's step
+    assert first.request_id == "b" and len(first.new_token_ids) == 1
+    run_to_completion(engine)
+    assert engine.stats().num_free_blocks == 64

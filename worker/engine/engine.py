@@ -202,9 +202,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run a step (or take the one launched ahead by the previous call) and return what it produced.
         Before reading its tokens, the next decode step may be launched behind it (lookahead.py)."""
-        if self._ahead is not None:
-            step, self._ahead = self._ahead, None
-        else:
+        step, self._ahead = self._ahead, None
+        if step is not None and all(seq.is_finished for seq in step.sampled):
+            step = None  # every sequence of it was aborted meanwhile: nothing to read, schedule anew
+        if step is None:
             step = self._launch()
             if step is None:
                 return []

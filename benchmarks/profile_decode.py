@@ -111,14 +111,58 @@ def launch_gap(engine: LLMEngine, prompt: int = 128, steps: int = 100) -> dict:
     return result
 
 
+def prefill_host_vs_gpu(engine: LLMEngine, lengths=(128, 512, 1024), runs: int = 12) -> list[dict]:
+    """One prompt alone, prefill only (one new token): the host's time to enqueue the step's forward pass
+    (StepTiming.launch_s) against the GPU's time for it (CUDA events around the step). An eager prefill is
+    some 300 launches from Python; when the first figure nears the second, the step waits on the host."""
+    rows = []
+    rng = random.Random(5)
+    for length in lengths:
+        launch, gpu, wall = [], [], []
+        for i in range(runs + 2):  # (the first two: warm-up)
+            ids = [1] + [rng.randrange(3, engine.vocab_size) for _ in range(length - 1)]
+            engine.add_request(f"prefill-{length}-{i}", ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+            torch.cuda.synchronize()
+            engine.step_timing = StepTiming()
+            t0 = time.perf_counter()
+            engine.step()  # as served: the GPU runs each kernel as soon as the host has launched it
+            wall_ms = (time.perf_counter() - t0) * 1e3
+            launch_ms = engine.step_timing.launch_s * 1e3
+            # The same step with every launch queued behind 50 ms of GPU sleep: back to back on the GPU.
+            engine.add_request(f"again-{length}-{i}", ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+            engine.block_manager.enable_prefix_caching = False  # (else the prompt's blocks are reused)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(100_000_000)
+            start.record()
+            engine.step()
+            end.record()
+            end.synchronize()
+            engine.block_manager.enable_prefix_caching = True
+            if i >= 2:
+                wall.append(wall_ms)
+                gpu.append(start.elapsed_time(end))
+                launch.append(launch_ms)
+        rows.append({"prompt": length, "wall_ms": sorted(wall)[runs // 2], "gpu_ms": sorted(gpu)[runs // 2],
+                     "launch_host_ms": sorted(launch)[runs // 2]})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill host-vs-GPU table")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model("codellama-7b", "", device, torch.bfloat16)
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
     engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
+    prefill = prefill_host_vs_gpu(engine)
+    for row in prefill:
+        print(f"prefill {row['prompt']:5d} tokens: wall {row['wall_ms']:.2f} ms, GPU (events) {row['gpu_ms']:.2f} ms, "
+              f"host launching the forward {row['launch_host_ms']:.2f} ms (medians)")  # fmt: skip
+    if args.prefill_only:
+        return
     gap = launch_gap(engine)
     print("1 stream, no profiler (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in gap.items() if v is not None))
     results = [steady_state(engine, 1, 128, 20, 40), steady_state(engine, 128, 512, 40, 20)]
@@ -132,7 +176,8 @@ def main() -> None:
             print(f"  {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:5.0f}  {k['name']}")
     if args.out:
         with open(f"{args.out}/profile-decode.json", "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "launch_gap": gap, "results": results}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "prefill": prefill, "launch_gap": gap, "results": results},
+                      f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

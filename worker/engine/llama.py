@@ -75,9 +75,6 @@ class FusedLlama:
             self.qkv_weights.append(_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate_up_weights.append(_fuse(mlp.gate_proj, mlp.up_proj))
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
-        self.silu_mul_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda gate_up, weight: F.linear(
-            self.ops.silu_mul(gate_up), weight
-        )
 
     def weights(self) -> list[torch.Tensor]:
         """Every matrix the forward pass multiplies by, in the order of a step."""

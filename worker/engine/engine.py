@@ -97,6 +97,9 @@ class LLMEngine:
         self.forks: dict[str, int] = {}  # first sample's key -> samples it forks into after its prefill
         self.step_timing = StepTiming()
         self._ahead: LaunchedStep | None = None  # a decode step launched before the previous one was read
+        # Not under fault injection: its check reads a step's input ids on the host, which a step launched
+        # ahead does not have.
+        self._lookahead = config.decode_lookahead and config.fault_poison_token_id < 0
 
     @property
     def max_model_len(self) -> int:
@@ -209,9 +212,8 @@ class LLMEngine:
             step = self._launch()
             if step is None:
                 return []
-        # Not while requests wait (they are scheduled next), nor under fault injection (it reads input ids).
-        lookahead = self.config.decode_lookahead and self.config.fault_poison_token_id < 0
-        if lookahead and not (self.scheduler.waiting or self.forks):
+        # Not while requests wait: they are scheduled next.
+        if self._lookahead and not (self.scheduler.waiting or self.forks):
             self._ahead = self._launch_following(step)
         return self._read(step)
 
@@ -250,21 +252,21 @@ class LLMEngine:
     def _launch_following(self, step: LaunchedStep) -> LaunchedStep | None:
         """The decode step after `step`, launched before `step`'s tokens are read (lookahead.py)."""
         started = time.perf_counter()
-        seqs = followers(step, self.block_manager, self.max_model_len)
-        if not seqs:
+        rows = followers(step, self.block_manager, self.max_model_len)
+        if not rows:
             return None
+        seqs = [step.sampled[row] for row in rows]
         plan = plan_following(seqs, self.block_manager, self.config.block_size)
         input_ids = step.tokens.device
-        if len(seqs) < len(step.sampled):
-            rows = [i for i, seq in enumerate(step.sampled) if seq in seqs]
+        if len(rows) < len(step.sampled):
             input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]
         planned = time.perf_counter()
         logits = self.runner.run(plan, input_ids=input_ids)
         # One more token than each has generated so far: this step's own comes first.
         tokens = self.sampler.choose(logits, [s.params for s in seqs], [s.num_generated_tokens + 1 for s in seqs])
-        batch = ScheduledBatch(list(seqs), [1] * len(seqs))
+        batch = ScheduledBatch(seqs, [1] * len(seqs))
         return LaunchedStep(
-            batch, plan, list(seqs), logits, PendingTokens(tokens), ahead=True,
+            batch, plan, seqs, logits, PendingTokens(tokens), ahead=True,
             started=started, planned=planned, launched=time.perf_counter(),
         )  # fmt: skip
 
@@ -273,8 +275,10 @@ class LLMEngine:
         A sequence that ended while a step launched ahead was running has computed a token too many: skipped."""
         token_ids = step.tokens.read()
         waited = time.perf_counter()
-        params = [s.params for s in step.sampled]
-        logprobs = [None] * len(token_ids) if step.ahead else self.sampler.logprobs(step.logits, token_ids, params)
+        if step.ahead:  # (launched ahead only when no sequence wants logprobs)
+            logprobs = [None] * len(token_ids)
+        else:
+            logprobs = self.sampler.logprobs(step.logits, token_ids, [s.params for s in step.sampled])
         if step.prompt_spans:
             self._record_prompt_logprobs(step.prompt_spans, step.logits[len(step.sampled) :])
         for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True):

@@ -67,13 +67,14 @@ class LaunchedStep:
     launched: float = 0.0
 
 
-def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: int) -> list[Sequence]:
-    """The sequences the next decode step can run before `step`'s tokens are read; [] if it cannot be
-    launched ahead (see the module's docstring). The caller has checked what is not per sequence."""
+def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: int) -> list[int]:
+    """The rows of `step` (indices into step.sampled) whose sequences the next decode step can run before
+    `step`'s tokens are read; [] if it cannot be launched ahead (see the module's docstring). The caller
+    has checked what is not per sequence."""
     if step.prompt_spans or not step.plan.is_decode:
         return []
-    seqs = []
-    for seq in step.sampled:
+    rows = []
+    for row, seq in enumerate(step.sampled):
         if seq.is_finished:  # aborted since `step` was launched (itself launched ahead)
             continue
         p = seq.params
@@ -81,9 +82,9 @@ def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: in
             return []
         # After this step's token: generated + 1. A sequence whose length ends it with this step stays out.
         if seq.num_generated_tokens + 1 < p.max_new_tokens and seq.num_tokens + 1 < max_model_len:
-            seqs.append(seq)
-    needed = sum(block_manager.blocks_needed(seq, 2) for seq in seqs)
-    return seqs if needed <= block_manager.num_free_blocks else []
+            rows.append(row)
+    needed = sum(block_manager.blocks_needed(step.sampled[row], 2) for row in rows)
+    return rows if needed <= block_manager.num_free_blocks else []
 
 
 def plan_following(seqs: list[Sequence], block_manager: BlockManager, block_size: int) -> StepPlan:

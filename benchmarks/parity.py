@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="codellama-7b")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--stagger", action="store_true", help="one new prompt per engine step instead of all at once")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda")
@@ -72,10 +73,12 @@ def main() -> None:
 
     config = EngineConfig(model="(in memory)", dtype=args.dtype, device=args.device)
     engine = LLMEngine(config, tokenizer=tokenizer, model=model)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
+    # All at once (big prefill steps), or one per step (--stagger: small mixed steps, the CUDA-graphed ones).
+    arrivals = [[i] for i in range(len(prompts))] if args.stagger else [list(range(len(prompts)))]
     ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished():
+    while engine.has_unfinished() or arrivals:
+        for i in arrivals.pop(0) if arrivals else ():
+            engine.add_request(str(i), prompts[i], SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
         for output in engine.step():
             ours[output.request_id] += output.new_token_ids
 
@@ -101,7 +104,7 @@ def main() -> None:
         print(json.dumps(r))
     print(f"greedy parity ({args.dtype}): {identical}/{len(prompts)} sequences identical over {args.new_tokens} tokens")
     if args.out:
-        with open(f"{args.out}/parity-{args.shape}-{args.dtype}.json", "w") as f:
+        with open(f"{args.out}/parity-{args.shape}-{args.dtype}{'-stagger' if args.stagger else ''}.json", "w") as f:
             json.dump(result, f, indent=1)
 
 

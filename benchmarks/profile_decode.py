@@ -111,7 +111,7 @@ def launch_gap(engine: LLMEngine, prompt: int = 128, steps: int = 100) -> dict:
     return result
 
 
-def prefill_host_vs_gpu(engine: LLMEngine, lengths=(128, 512, 1024), runs: int = 12) -> list[dict]:
+def prefill_host_vs_gpu(engine: LLMEngine, lengths=(32, 128, 256, 512, 1024), runs: int = 12) -> list[dict]:
     """One prompt alone, prefill only (one new token): the host's time to enqueue the step's forward pass
     (StepTiming.launch_s) against the GPU's time for it (CUDA events around the step). An eager prefill is
     some 300 launches from Python; when the first figure nears the second, the step waits on the host."""
@@ -157,11 +157,21 @@ def main() -> None:
     model = build_model("codellama-7b", "", device, torch.bfloat16)
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
     engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
-    prefill = prefill_host_vs_gpu(engine)
-    for row in prefill:
-        print(f"prefill {row['prompt']:5d} tokens: wall {row['wall_ms']:.2f} ms, GPU (events) {row['gpu_ms']:.2f} ms, "
-              f"host launching the forward {row['launch_host_ms']:.2f} ms (medians)")  # fmt: skip
+    # As configured (prefill steps replayed as CUDA graphs), then eager: the same engine without them.
+    graphs = engine.runner.prefill_graphs
+    prefill = {"graphs": prefill_host_vs_gpu(engine)}
+    engine.runner.prefill_graphs = None
+    prefill["eager"] = prefill_host_vs_gpu(engine)
+    engine.runner.prefill_graphs = graphs
+    for mode, rows in prefill.items():
+        for row in rows:
+            print(f"prefill {mode:6s} {row['prompt']:5d} tokens: wall {row['wall_ms']:.2f} ms, "
+                  f"GPU (events) {row['gpu_ms']:.2f} ms, host launching the forward {row['launch_host_ms']:.2f} ms "
+                  "(medians)")  # fmt: skip
     if args.prefill_only:
+        if args.out:
+            with open(f"{args.out}/profile-prefill.json", "w") as f:
+                json.dump({"card": torch.cuda.get_device_name(), "prefill": prefill}, f, indent=1)
         return
     gap = launch_gap(engine)
     print("1 stream, no profiler (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in gap.items() if v is not None))

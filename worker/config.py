@@ -31,6 +31,9 @@ class WorkerConfig:
     cpu_kv_cache_gib: float = setting(0.5, "KV cache size on CPU")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
     cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU)")
+    prefill_graph_max_tokens: int = setting(
+        1024, "with --cuda-graphs, also replay prefill steps of up to this many tokens as graphs; 0: eager"
+    )
     triton_gemv: bool = setting(True, "batch-1 matrix products through the Triton GEMV where it beats cuBLAS (GPU)")
     decode_lookahead: bool = setting(True, "launch a decode step before the previous one's tokens are read")
     heartbeat_s: float = setting(2.0, "how often the worker renews its job leases and liveness key")

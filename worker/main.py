@@ -36,6 +36,7 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         max_model_len=config.max_model_len or None,
         enable_prefix_caching=config.enable_prefix_caching,
         cuda_graphs=config.cuda_graphs,
+        prefill_graph_max_tokens=config.prefill_graph_max_tokens,
         triton_gemv=config.triton_gemv,
         decode_lookahead=config.decode_lookahead,
         fault_poison_token_id=config.fault_poison_token_id,
@@ -70,6 +71,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         max_model_len=worker.engine.max_model_len,
         # ms per pass over each weight shape at batch 1 (Triton GEMV vs cuBLAS; the faster one runs).
         gemv=worker.engine.runner.gemv_timings or None,
+        graphs=worker.engine.runner.graph_stats or None,
     )
     worker.metrics.serve(config.metrics_port)
     # The model, tokenizer and graphs are built and live for good: move them out of the collector's view, so

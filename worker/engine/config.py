@@ -44,6 +44,10 @@ class EngineConfig:
     triton_gemv: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
+    # With cuda_graphs: also prefill and mixed steps of up to this many tokens (and prefill_graphs.MAX_SEQS
+    # sequences), padded to a ladder of sizes. An eager step costs ~9 ms of host time to launch, more than a
+    # short prompt's GPU time (prefill_graphs.py). 0: such steps run eagerly.
+    prefill_graph_max_tokens: int = 1024
     # Launch a decode step before the previous one's tokens are read, when nothing but a sequence ending
     # can change the batch (lookahead.py): the GPU no longer waits for the host's bookkeeping between steps.
     decode_lookahead: bool = True
@@ -60,5 +64,7 @@ class EngineConfig:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens < self.max_num_seqs:
             # Every running sequence must be able to decode one token per step within the budget.
             raise ValueError("need 0 < max_num_seqs <= max_num_batched_tokens")
+        if self.prefill_graph_max_tokens < 0:
+            raise ValueError("prefill_graph_max_tokens must be 0 (off) or positive")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError("num_blocks must be positive")

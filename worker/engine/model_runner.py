@@ -7,7 +7,8 @@ writes K/V through block tables, and computes logits only for the tokens that ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -16,6 +17,7 @@ from worker.engine.attention_backends import TorchBackend, TritonBackend
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.llama import FusedLlama, TorchLlama
+from worker.engine.prefill_graphs import PrefillGraphs
 from worker.engine.step_inputs import StepPlan
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -91,9 +93,17 @@ class ModelRunner:
         self.v_caches = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.backend = self._make_backend(self.k_caches, self.v_caches)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        # Per kind of graph: how many, seconds to capture, GiB their memory pool holds (the worker logs it).
+        self.graph_stats: dict[str, dict[str, float]] = {}
         if self.backend_name == "triton" and self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(self.backend, self._forward, config.max_num_seqs, self.device)
-            self.graphs.capture()
+            self.graph_stats["decode"] = _measure_capture(self.graphs.capture, len(self.graphs.sizes), self.device)
+            max_tokens = min(config.prefill_graph_max_tokens, config.max_num_batched_tokens)
+            if max_tokens > 0:
+                self.prefill_graphs = self.make_prefill_graphs(max_tokens)
+                count = len(self.prefill_graphs.sizes)
+                self.graph_stats["prefill"] = _measure_capture(self.prefill_graphs.capture, count, self.device)
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -105,6 +115,16 @@ class ModelRunner:
                 k_caches, v_caches, self.scale, self.config.max_num_seqs, self.max_blocks_per_seq, self.num_heads
             )
         raise ValueError(f"attention_backend must be auto, torch or triton; got {self.backend_name!r}")
+
+    def make_prefill_graphs(self, max_tokens: int) -> PrefillGraphs:
+        """Static buffers for prefill steps of up to max_tokens tokens (Triton backend); capture() makes graphs
+        of them on CUDA, and without it they run the same padded steps eagerly (tests on CPU)."""
+        from worker.engine.triton_attention import prefill_block_m
+
+        return PrefillGraphs(
+            self._forward, max_tokens, self.block_size, self.max_blocks_per_seq, prefill_block_m(self.dtype),
+            TritonBackend.NULL_BLOCK * self.block_size, self.device,
+        )  # fmt: skip
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, from the model's own rotary module (so rope scaling is the model's)."""
@@ -181,6 +201,8 @@ class ModelRunner:
         input_ids: the step's ids already on the device (a decode step launched ahead), else plan's."""
         if self.graphs is not None and plan.is_decode and not extra_rows and plan.num_seqs <= self.graphs.max_batch:
             return self.graphs.run(plan, input_ids)
+        if self.prefill_graphs is not None and not plan.is_decode and not extra_rows and self.prefill_graphs.fits(plan):
+            return self.prefill_graphs.run(plan)
         if self.backend_name == "triton" and plan.is_decode:
             # Decode without graphs (CPU interpreter, or graphs disabled): same kernels, static buffers.
             self.backend.load_decode(plan, plan.num_seqs)
@@ -219,6 +241,15 @@ def random_weight_model(hf_config, device: torch.device, dtype: torch.dtype, see
             else:
                 param.fill_(1.0)  # RMSNorm scales
     return model.eval()
+
+
+def _measure_capture(capture: Callable[[], None], count: int, device: torch.device) -> dict[str, float]:
+    before = torch.cuda.memory_reserved(device)
+    started = time.perf_counter()
+    capture()
+    seconds = time.perf_counter() - started
+    pool_gib = (torch.cuda.memory_reserved(device) - before) / 2**30
+    return {"graphs": count, "capture_s": round(seconds, 2), "pool_gib": round(pool_gib, 3)}
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:

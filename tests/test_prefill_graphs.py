@@ -1,0 +1,144 @@
+"""Prefill steps through static, padded buffers (what prefill_graphs.py captures as CUDA graphs on a GPU).
+
+Without a GPU the padded step runs eagerly in Triton's interpreter: the same buffers, padding tokens, spare
+attention tiles and padded logits rows as a graph replays, so these tests check that padding changes no
+real row's result."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from worker.engine import EngineConfig, LLMEngine, SamplingParams
+from worker.engine.prefill_graphs import MAX_SEQS, PrefillGraphs, token_ladder
+from worker.engine.step_inputs import StepPlan
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\nclass Cache:\n    def __init__(self):\n        self._d = {}\n",
+    "x = 1",
+    "    return self._cache[key]\n" * 12,
+]
+
+
+def test_token_ladder_is_sorted_and_ends_at_the_cap():
+    assert token_ladder(1024)[:4] == [16, 32, 64, 96]
+    assert token_ladder(1024)[-3:] == [896, 960, 1024]
+    assert token_ladder(100) == [16, 32, 64, 96, 100]
+    assert token_ladder(16) == [16]
+    assert token_ladder(0) == []
+    ladder = token_ladder(1024)
+    assert ladder == sorted(set(ladder))
+    # Padding wastes at most 63 tokens past 512, 31 below.
+    assert max(b - a for a, b in itertools.pairwise(ladder)) == 64
+
+
+class CountingGraphs(PrefillGraphs):
+    """Counts the steps it ran and their padded sizes."""
+
+    sizes_run: list[int]
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        self.sizes_run.append(self.size_for(plan))
+        return super().run(plan)
+
+
+def padded_engine(model_dir: Path, max_tokens: int, **overrides) -> tuple[LLMEngine, CountingGraphs]:
+    engine = LLMEngine(EngineConfig(model=str(model_dir), attention_backend="triton", **overrides))
+    runner = engine.runner
+    graphs = runner.make_prefill_graphs(max_tokens)
+    graphs.__class__ = CountingGraphs
+    graphs.sizes_run = []
+    runner.prefill_graphs = graphs  # what the runner builds and captures on CUDA
+    return engine, graphs
+
+
+# Padding rows read an attention output nobody wrote; the interpreter's numpy warns about the garbage there.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_padded_prefill_gives_the_eager_steps_logits(demo_model_dir: Path) -> None:
+    """One prompt, then two prompts and a decode in one step, then a chunk after a cached prefix: the padded
+    step's logits equal the eager step's."""
+    engine, graphs = padded_engine(demo_model_dir, 96, max_num_batched_tokens=96, max_num_seqs=4)
+    runner, tok = engine.runner, engine.tokenizer
+    bs = runner.block_size
+    a, b = tok.encode(PROMPTS[0]).ids, tok.encode(PROMPTS[1]).ids
+    blocks_a, blocks_b, blocks_c = [1, 2, 3], [4, 5, 6, 7, 8], [9, 10]
+
+    def slots(table: list[int], start: int, end: int) -> list[int]:
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    one = StepPlan(
+        input_ids=a, positions=list(range(len(a))), slots=slots(blocks_a, 0, len(a)),
+        query_starts=[0], query_lens=[len(a)], context_lens=[len(a)], block_tables=[blocks_a],
+        sample_indices=[len(a) - 1], sampled_seq_indices=[0],
+    )  # fmt: skip
+    # `a` decodes its next token while `b` and the first half of `a` again (into other blocks) prefill.
+    half = len(a) // 2
+    mixed = StepPlan(
+        input_ids=[7, *b, *a[:half]],
+        positions=[len(a), *list(range(len(b))), *list(range(half))],
+        slots=slots(blocks_a, len(a), len(a) + 1) + slots(blocks_b, 0, len(b)) + slots(blocks_c, 0, half),
+        query_starts=[0, 1, 1 + len(b)], query_lens=[1, len(b), half], context_lens=[len(a) + 1, len(b), half],
+        block_tables=[blocks_a, blocks_b, blocks_c], sample_indices=[0, len(b)], sampled_seq_indices=[0, 1],
+    )  # fmt: skip
+    # The rest of that copy of `a`, after the half cached above: attention reads cached keys.
+    rest = StepPlan(
+        input_ids=a[half:], positions=list(range(half, len(a))), slots=slots(blocks_c, half, len(a)),
+        query_starts=[0], query_lens=[len(a) - half], context_lens=[len(a)], block_tables=[blocks_c],
+        sample_indices=[len(a) - half - 1], sampled_seq_indices=[0],
+    )  # fmt: skip
+    for plan in (one, mixed, rest):
+        assert graphs.fits(plan)
+        runner.prefill_graphs = None
+        eager = runner.run(plan).clone()
+        runner.prefill_graphs = graphs
+        padded = runner.run(plan)
+        assert padded.shape == eager.shape
+        torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
+    assert graphs.sizes_run == [graphs.size_for(p) for p in (one, mixed, rest)]
+    assert all(size > len(p.input_ids) for size, p in zip(graphs.sizes_run, (one, mixed, rest), strict=True))
+
+
+def test_generation_through_padded_prefills_matches_transformers(demo_model_dir: Path) -> None:
+    """Chunked prefill, a prompt next to decoding streams, a cached prefix: greedy tokens as transformers'."""
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    engine, graphs = padded_engine(demo_model_dir, 48, max_num_batched_tokens=64, max_num_seqs=4)
+    tok = engine.tokenizer
+    ids = [tok.encode(p).ids for p in (PROMPTS[0], PROMPTS[3][:150], PROMPTS[2], PROMPTS[0] + " return")]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    tokens: dict[str, list[int]] = {}
+    engine.add_request("r0", ids[0], params)
+    engine.add_request("r1", ids[1], params)
+    step = 0
+    while engine.has_unfinished() or step < 3:
+        if step == 2:  # arrives while r0 decodes: a mixed step; shares r0's prompt prefix
+            engine.add_request("r2", ids[2], params)
+            engine.add_request("r3", ids[3], params)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    for i, prompt in enumerate(ids):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert tokens[f"r{i}"] == want[0, len(prompt) :].tolist(), f"request r{i}"
+    assert graphs.sizes_run, "no step went through the padded buffers"
+    assert max(graphs.sizes_run) <= 48
+
+
+def test_steps_that_do_not_fit_run_eagerly(demo_model_dir: Path) -> None:
+    engine, graphs = padded_engine(demo_model_dir, 32, max_num_batched_tokens=64, max_num_seqs=4)
+    prompt = engine.tokenizer.encode(PROMPTS[3]).ids
+    engine.add_request("long", prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    # Chunks of 64 tokens are over the 32-token cap; only a last chunk of 32 or fewer fits.
+    last = len(prompt) % 64
+    assert graphs.sizes_run == ([graphs.size_for_tokens(last)] if 0 < last <= 32 else [])
+    many = StepPlan([0] * (MAX_SEQS + 1), [0] * (MAX_SEQS + 1), [0] * (MAX_SEQS + 1), list(range(MAX_SEQS + 1)),
+                    [1] * (MAX_SEQS + 1), [1] * (MAX_SEQS + 1), [[1]] * (MAX_SEQS + 1), [0], [0])  # fmt: skip
+    assert not graphs.fits(many)
+    with pytest.raises(ValueError, match="prefill_graph_max_tokens"):
+        EngineConfig(model=str(demo_model_dir), prefill_graph_max_tokens=-1)

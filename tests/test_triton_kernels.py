@@ -100,14 +100,19 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
     def i32(values):
         return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
-    out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
-    ta.prefill_attention(
-        q, k_cache, v_cache, tables, i32(tile_seq), i32(tile_row), i32(starts), i32(query_lens), i32(context_lens),
-        scale, out=out,
-    )  # fmt: skip
     ref = reference(q, k_cache, v_cache, tables, context_lens, query_lens, scale)
-    assert relative_error(out, ref) < TOLERANCE
+    # One program per tile; then a fixed grid of fewer programs than tiles, with spare entries past the
+    # count in the tile arrays (how a CUDA graph runs it: prefill_graphs.py).
+    spare = [len(cases) - 1] * 5
+    for persistent in ({}, {"num_tiles": i32([len(tile_seq)]), "programs": max(1, len(tile_seq) // 3)}):
+        seqs, rows = (tile_seq + spare, tile_row + [0] * 5) if persistent else (tile_seq, tile_row)
+        out = torch.full_like(q, float("nan"))
+        ta.prefill_attention(
+            q, k_cache, v_cache, tables, i32(seqs), i32(rows), i32(starts), i32(query_lens), i32(context_lens),
+            scale, out=out, **persistent,
+        )  # fmt: skip
+        assert relative_error(out, ref) < TOLERANCE, persistent
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 5])

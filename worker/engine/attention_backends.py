@@ -59,6 +59,9 @@ class PrefillMetadata:
     query_starts: torch.Tensor
     query_lens: torch.Tensor
     context_lens: torch.Tensor
+    # A graphed step's: the real tile count on the device, and the fixed number of programs sharing the tiles.
+    num_tiles: torch.Tensor | None = None
+    programs: int = 0
 
 
 @dataclass
@@ -173,5 +176,5 @@ class TritonBackend:
             )  # fmt: skip
         return self.ops.prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.tile_seq, meta.tile_row, meta.query_starts,
-            meta.query_lens, meta.context_lens, self.scale,
+            meta.query_lens, meta.context_lens, self.scale, num_tiles=meta.num_tiles, programs=meta.programs,
         )  # fmt: skip

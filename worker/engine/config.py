@@ -44,9 +44,9 @@ class EngineConfig:
     triton_gemv: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True
-    # With cuda_graphs: also prefill and mixed steps of up to this many tokens (and prefill_graphs.MAX_SEQS
-    # sequences), padded to a ladder of sizes. An eager step costs ~9 ms of host time to launch, more than a
-    # short prompt's GPU time (prefill_graphs.py). 0: such steps run eagerly.
+    # With cuda_graphs: also prefill and mixed steps of up to this many tokens, padded to a ladder of sizes.
+    # An eager step costs ~9 ms of host time to launch, more than a short prompt's GPU time
+    # (prefill_graphs.py). 0: such steps run eagerly.
     prefill_graph_max_tokens: int = 1024
     # Launch a decode step before the previous one's tokens are read, when nothing but a sequence ending
     # can change the batch (lookahead.py): the GPU no longer waits for the host's bookkeeping between steps.

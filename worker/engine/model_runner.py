@@ -122,8 +122,8 @@ class ModelRunner:
         from worker.engine.triton_attention import prefill_block_m
 
         return PrefillGraphs(
-            self._forward, max_tokens, self.block_size, self.max_blocks_per_seq, prefill_block_m(self.dtype),
-            TritonBackend.NULL_BLOCK * self.block_size, self.device,
+            self._forward, max_tokens, self.config.max_num_seqs, self.block_size, self.max_blocks_per_seq,
+            prefill_block_m(self.dtype), TritonBackend.NULL_BLOCK * self.block_size, self.device,
         )  # fmt: skip
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:

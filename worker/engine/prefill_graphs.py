@@ -1,21 +1,20 @@
-"""Prefill (and mixed) steps of a few sequences as CUDA graphs, one per padded token count.
+"""Prefill and mixed steps as CUDA graphs, one per padded token count.
 
 Why: an eager step launches about 300 kernels at about 30 µs of host time each, 9-10 ms whatever its
-length (`python -m benchmarks.profile_decode --prefill-only`), while on an H100 the GPU needs 6.9 ms for a
-128-token prompt and 11.4 ms for a 512-token one. Short prompts, the usual ones of code completion, wait on
-the host, and their time to first token moves with how busy the host is. Replayed as a graph, the step
-costs the GPU's time and one launch.
+length, more in a worker whose other threads want the interpreter too. On an H100 the GPU needs 6.5 ms
+for a 32-token prompt and 11.3 ms for a 512-token one (`python -m benchmarks.prefill_modes`): short prompts,
+the usual ones of code completion, wait on the host, and so do the steps that carry a prompt chunk next to
+running streams. Replayed as a graph, a step costs the GPU's time and one launch.
 
 How: as for decode (cuda_graphs.py), inputs go through static buffers and the step is padded.
 - Tokens are padded up to the next size of a ladder (16, multiples of 32 up to 512, of 64 up to 1,024: at
   most about 0.4 ms of wasted GPU time per step). Padding tokens sit at position 0, write their K/V into
   the null block and belong to no sequence, so no attention tile reads them; their rows compute garbage
   that nobody reads (rows never mix in a Llama layer outside attention).
-- Sequences are padded up to MAX_SEQS rows. The attention kernel's grid is sized for the most tiles a
-  token count can need (prefill_tiles); the spare tiles point at an extra, empty sequence (no queries, no
-  context) and return at once.
-- Logits are computed for MAX_SEQS rows (padded with row 0); the caller gets the real ones.
-Steps with more sequences or tokens, or extra logits rows (prompt logprobs), run eagerly.
+- Attention runs on a fixed grid whose programs share out however many tiles the step has (the prefill
+  kernel's persistent mode; the count is in device memory).
+- Logits are computed for min(size, max_seqs) rows, padded with row 0; the caller gets the real ones.
+Steps over the largest size, or with extra logits rows (prompt logprobs), run eagerly.
 """
 
 from __future__ import annotations
@@ -28,10 +27,8 @@ import torch
 from worker.engine.attention_backends import PrefillMetadata
 from worker.engine.step_inputs import StepPlan
 
-# Sequences one graphed step may carry: a new prompt or two next to a few decoding streams (low load, where
-# time to first token is what a user notices). Busier steps carry enough tokens to keep the GPU ahead of the
-# host anyway.
-MAX_SEQS = 16
+# Programs per head beyond one per query tile of the padded size: room for the tiles of decode rows mixed in.
+SPARE_PROGRAMS = 16
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, PrefillMetadata, torch.Tensor], torch.Tensor]
 
@@ -48,6 +45,7 @@ class PrefillGraphs:
         self,
         forward: ForwardFn,
         max_tokens: int,
+        max_seqs: int,
         block_size: int,
         max_blocks_per_seq: int,
         block_m: int,
@@ -61,24 +59,25 @@ class PrefillGraphs:
         self._prefill_tiles = prefill_tiles
         self.forward = forward
         self.sizes = token_ladder(max_tokens)
+        self.max_seqs = max_seqs
         self.block_size = block_size
         self.block_m = block_m
         self.null_slot = null_slot
         self.device = device
-        tokens, seqs = self.sizes[-1], MAX_SEQS
-        max_tiles = self.max_tiles(tokens)
-        # Two buffers, one copy each per step: int64 [ids | positions | slots | sample rows], and int32
-        # [query starts | query lens | context lens | tile seq | tile row | block tables]; the attention
-        # rows have one more, empty sequence for the spare tiles.
-        self.longs = torch.zeros(3 * tokens + seqs, dtype=torch.long, device=device)
-        self.ints = torch.zeros(3 * (seqs + 1) + 2 * max_tiles + (seqs + 1) * max_blocks_per_seq,
-                                dtype=torch.int32, device=device)  # fmt: skip
+        tokens = self.sizes[-1]
+        # Each sequence adds at most one partial tile.
+        max_tiles = -(-tokens // block_m) + max_seqs
+        # One copy per buffer and step: int64 [ids | positions | slots | sample rows]; int32 [query starts |
+        # query lens | context lens | tile count | tile seq | tile row]; block tables (the rows in use).
+        self._long_sections = [tokens, tokens, tokens, max_seqs]
+        self._int_sections = [max_seqs, max_seqs, max_seqs, 1, max_tiles, max_tiles]
         pin = device.type == "cuda"
+        self.longs = torch.zeros(sum(self._long_sections), dtype=torch.long, device=device)
+        self.ints = torch.zeros(sum(self._int_sections), dtype=torch.int32, device=device)
+        self.tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.host_longs = torch.zeros(self.longs.shape, dtype=torch.long, pin_memory=pin)
         self.host_ints = torch.zeros(self.ints.shape, dtype=torch.int32, pin_memory=pin)
-        self._longs = _split(self.longs, [tokens, tokens, tokens, seqs])
-        self._ints = _split(self.ints, [seqs + 1] * 3 + [max_tiles] * 2 + [(seqs + 1) * max_blocks_per_seq])
-        self._ints[-1] = self._ints[-1].view(seqs + 1, max_blocks_per_seq)
+        self.host_tables = torch.zeros(self.tables.shape, dtype=torch.int32, pin_memory=pin)
         # The host buffers are rewritten by the next step: not before this step's copies have run.
         self._copied: torch.cuda.Event | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -87,13 +86,8 @@ class PrefillGraphs:
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
-    def max_tiles(self, tokens: int) -> int:
-        """The most attention tiles `tokens` tokens of up to MAX_SEQS sequences make: each sequence adds at
-        most one partial tile."""
-        return -(-tokens // self.block_m) + MAX_SEQS
-
     def fits(self, plan: StepPlan) -> bool:
-        return plan.num_seqs <= MAX_SEQS and len(plan.input_ids) <= self.max_tokens
+        return plan.num_seqs <= self.max_seqs and len(plan.input_ids) <= self.max_tokens
 
     def size_for(self, plan: StepPlan) -> int:
         return self.size_for_tokens(len(plan.input_ids))
@@ -101,46 +95,41 @@ class PrefillGraphs:
     def size_for_tokens(self, tokens: int) -> int:
         return self.sizes[bisect.bisect_left(self.sizes, tokens)]
 
-    def metadata(self, size: int) -> PrefillMetadata:
-        starts, lens, context, tile_seq, tile_row, tables = self._ints
-        tiles = self.max_tiles(size)
-        return PrefillMetadata(
-            slots=self._longs[2][:size], block_tables=tables, tile_seq=tile_seq[:tiles], tile_row=tile_row[:tiles],
-            query_starts=starts, query_lens=lens, context_lens=context,
-        )  # fmt: skip
-
     def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, PrefillMetadata, torch.Tensor]:
-        ids, positions, _slots, sample = self._longs
-        return ids[:size], positions[:size], self.metadata(size), sample
+        ids, positions, slots, sample = _split(self.longs, self._long_sections)
+        starts, lens, context, num_tiles, tile_seq, tile_row = _split(self.ints, self._int_sections)
+        meta = PrefillMetadata(
+            slots=slots[:size], block_tables=self.tables, tile_seq=tile_seq, tile_row=tile_row,
+            query_starts=starts, query_lens=lens, context_lens=context,
+            num_tiles=num_tiles, programs=-(-size // self.block_m) + SPARE_PROGRAMS,
+        )  # fmt: skip
+        # A step has at most one sampled row per sequence, and no more sequences than tokens.
+        return ids[:size], positions[:size], meta, sample[: min(size, self.max_seqs)]
 
     def load(self, plan: StepPlan, size: int) -> None:
-        """Write `plan`, padded to `size` tokens and MAX_SEQS sequences, into the static buffers."""
+        """Write `plan`, its tokens padded to `size`, into the static buffers."""
         if self._copied is not None:
             self._copied.synchronize()
         n, tokens = plan.num_seqs, len(plan.input_ids)
         # numpy views of the host buffers: filling them from lists is several times cheaper than torch.
-        ids, positions, slots, sample = _split(self.host_longs.numpy(), [self.max_tokens] * 3 + [MAX_SEQS])
+        ids, positions, slots, sample = _split(self.host_longs.numpy(), self._long_sections)
         ids[:tokens], ids[tokens:size] = plan.input_ids, 0
         positions[:tokens], positions[tokens:size] = plan.positions, 0
         slots[:tokens], slots[tokens:size] = plan.slots, self.null_slot
         k = len(plan.sample_indices)
         sample[:k], sample[k:] = plan.sample_indices, 0
-        tiles = self.max_tiles(size)
-        sections = [MAX_SEQS + 1] * 3 + [self.max_tiles(self.max_tokens)] * 2
-        starts, lens, context, tile_seq, tile_row, tables = _split(self.host_ints.numpy(), [*sections, -1])
-        tables = tables.reshape(MAX_SEQS + 1, -1)
-        starts[:n], starts[n:] = plan.query_starts, 0
-        lens[:n], lens[n:] = plan.query_lens, 0  # row MAX_SEQS: the empty sequence of the spare tiles
-        context[:n], context[n:] = plan.context_lens, 0
+        starts, lens, context, num_tiles, tile_seq, tile_row = _split(self.host_ints.numpy(), self._int_sections)
+        starts[:n], lens[:n], context[:n] = plan.query_starts, plan.query_lens, plan.context_lens
         real_seq, real_row = self._prefill_tiles(plan.query_lens, self.block_m)
         m = len(real_seq)
-        tile_seq[:m], tile_seq[m:tiles] = real_seq, MAX_SEQS
-        tile_row[:m], tile_row[m:tiles] = real_row, 0
+        num_tiles[0], tile_seq[:m], tile_row[:m] = m, real_seq, real_row
+        tables = self.host_tables.numpy()
         for i, (table, ctx) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
             used = -(-ctx // self.block_size)
             tables[i, :used] = table[:used]
         self.longs.copy_(self.host_longs, non_blocking=True)
         self.ints.copy_(self.host_ints, non_blocking=True)
+        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
@@ -175,10 +164,9 @@ class PrefillGraphs:
 
 
 def _split(buffer, sizes: list[int]) -> list:
-    """Consecutive slices of a flat buffer (a tensor or an array); -1: the rest."""
+    """Consecutive slices of a flat buffer (a tensor or an array)."""
     parts, start = [], 0
     for size in sizes:
-        end = len(buffer) if size < 0 else start + size
-        parts.append(buffer[start:end])
-        start = end
+        parts.append(buffer[start : start + size])
+        start += size
     return parts

@@ -290,17 +290,46 @@ def _group_pad(group: int) -> int:
 @triton.jit
 def _prefill_kernel(
     Q, KCache, VCache, BlockTables, Out,
-    TileSeq, TileRow, QueryStarts, QueryLens, ContextLens,
+    TileSeq, TileRow, QueryStarts, QueryLens, ContextLens, NumTiles,
     scale,
     stride_qt, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """One program per (tile, head); PERSISTENT: a fixed grid whose programs take tiles pid, pid + grid, ...
+    up to the count in NumTiles (device memory), so that a CUDA graph serves any number of tiles."""
+    head = tl.program_id(1)
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.load(NumTiles), tl.num_programs(0)):
+            _prefill_tile(
+                Q, KCache, VCache, BlockTables, Out, TileSeq, TileRow, QueryStarts, QueryLens, ContextLens, scale,
+                stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+                tile, head, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, PRECISION,
+            )  # fmt: skip
+    else:
+        _prefill_tile(
+            Q, KCache, VCache, BlockTables, Out, TileSeq, TileRow, QueryStarts, QueryLens, ContextLens, scale,
+            stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+            tl.program_id(0), head, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _prefill_tile(
+    Q, KCache, VCache, BlockTables, Out,
+    TileSeq, TileRow, QueryStarts, QueryLens, ContextLens,
+    scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    tile, head,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
     kv_head = head // GROUP
     seq = tl.load(TileSeq + tile)
     row0 = tl.load(TileRow + tile)  # first query of this tile, within the sequence's new tokens
@@ -399,10 +428,14 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int = PREFILL_WARPS,
     num_stages: int | None = None,
+    num_tiles: torch.Tensor | None = None,
+    programs: int = 0,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] packed new tokens -> same shape. Per-sequence int32 tensors:
     query_starts/query_lens (where its new tokens sit in q), context_lens (cached + new); tile_seq/tile_row
-    from prefill_tiles(query_lens, block_m), block_m defaulting to prefill_block_m(q.dtype)."""
+    from prefill_tiles(query_lens, block_m), block_m defaulting to prefill_block_m(q.dtype). One program per
+    tile, or with num_tiles (int32 [1] on the device: how many of tile_seq's entries are real) `programs`
+    programs per head that share the tiles out (CUDA graphs: a grid fixed whatever the step)."""
     fp32 = q.dtype == torch.float32
     block_m = block_m or prefill_block_m(q.dtype)
     block_n = block_n or (32 if fp32 else PREFILL_BLOCK_N)
@@ -410,16 +443,17 @@ def prefill_attention(
     _num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
-    _prefill_kernel[(tile_seq.numel(), num_heads)](
+    persistent = num_tiles is not None
+    _prefill_kernel[(programs if persistent else tile_seq.numel(), num_heads)](
         q, k_cache, v_cache, block_tables, out,
-        tile_seq, tile_row, query_starts, query_lens, context_lens,
+        tile_seq, tile_row, query_starts, query_lens, context_lens, num_tiles if persistent else tile_seq,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), PERSISTENT=persistent,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -40,6 +40,11 @@ class DecodeGraphs:
         self.host_ids = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         self.host_positions = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every graph copies its logits here, so that the graphs' own outputs go back to the shared pool
+        # after capture instead of each holding [rows, vocab] float32 for good (~0.5 GiB per ladder at 7B).
+        # A step's logits are read before the next step replays a graph (the lookahead launches ahead only
+        # steps whose logits nobody reads again: lookahead.py).
+        self.logits: torch.Tensor | None = None
 
     @property
     def max_batch(self) -> int:
@@ -54,11 +59,15 @@ class DecodeGraphs:
             for size in reversed(self.sizes):
                 meta = self.backend.decode_metadata(size)
                 # One eager run first: compiles the kernels for this shape and warms the allocator.
-                self.forward(self.input_ids[:size], self.positions[:size], meta)
+                warm = self.forward(self.input_ids[:size], self.positions[:size], meta)
+                if self.logits is None:  # the largest size comes first
+                    self.logits = torch.empty_like(warm)
+                del warm
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self.forward(self.input_ids[:size], self.positions[:size], meta)
-                self.graphs[size] = (graph, logits)
+                    out = self.logits[:size]
+                    out.copy_(self.forward(self.input_ids[:size], self.positions[:size], meta))
+                self.graphs[size] = (graph, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine import attention as torch_attention
-from worker.engine.step_inputs import StepPlan
+from worker.engine.step_inputs import CopyFence, StepPlan
 
 
 def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -106,6 +106,7 @@ class TritonBackend:
         self.host_slots = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=pin)
         self.host_block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self.host_context_lens = torch.ones(max_num_seqs, dtype=torch.int32, pin_memory=pin)
+        self._fence = CopyFence(device)
 
     # -- eager (prefill and mixed) steps ------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class TritonBackend:
         n = plan.num_seqs
         block_size = self.k_caches[0].shape[1]
         # numpy views of the pinned host buffers: filling them from lists is several times cheaper than torch.
+        self._fence.wait()
         slots, lens, tables = self.host_slots.numpy(), self.host_context_lens.numpy(), self.host_block_tables.numpy()
         slots[:n] = plan.slots
         slots[n:batch] = self.NULL_BLOCK * block_size
@@ -159,6 +161,7 @@ class TritonBackend:
         self.slots[:batch].copy_(self.host_slots[:batch], non_blocking=True)
         self.context_lens[:batch].copy_(self.host_context_lens[:batch], non_blocking=True)
         self.block_tables[:batch, :width].copy_(self.host_block_tables[:batch, :width], non_blocking=True)
+        self._fence.mark()
 
     # -- the layer ----------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.attention_backends import DecodeMetadata, TritonBackend
-from worker.engine.step_inputs import StepPlan
+from worker.engine.step_inputs import CopyFence, StepPlan
 
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
@@ -39,6 +39,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.host_ids = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         self.host_positions = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
+        self._fence = CopyFence(device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Every graph copies its logits here, so that the graphs' own outputs go back to the shared pool
         # after capture instead of each holding [rows, vocab] float32 for good (~0.5 GiB per ladder at 7B).
@@ -76,6 +77,7 @@ class DecodeGraphs:
         input_ids: the ids on the device already (then plan.input_ids are placeholders)."""
         n = plan.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self._fence.wait()
         ids, positions = self.host_ids.numpy(), self.host_positions.numpy()
         ids[:n] = plan.input_ids
         positions[:n] = plan.positions
@@ -83,6 +85,7 @@ class DecodeGraphs:
         positions[n:size] = 0
         self.input_ids[:size].copy_(self.host_ids[:size], non_blocking=True)
         self.positions[:size].copy_(self.host_positions[:size], non_blocking=True)
+        self._fence.mark()
         if input_ids is not None:
             self.input_ids[:n].copy_(input_ids)  # device to device, queued after the copy above
         self.backend.load_decode(plan, size)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.attention_backends import PrefillMetadata
-from worker.engine.step_inputs import StepPlan
+from worker.engine.step_inputs import CopyFence, StepPlan
 
 # Programs per head beyond one per query tile of the padded size: room for the tiles of decode rows mixed in.
 SPARE_PROGRAMS = 16
@@ -78,8 +78,7 @@ class PrefillGraphs:
         self.host_longs = torch.zeros(self.longs.shape, dtype=torch.long, pin_memory=pin)
         self.host_ints = torch.zeros(self.ints.shape, dtype=torch.int32, pin_memory=pin)
         self.host_tables = torch.zeros(self.tables.shape, dtype=torch.int32, pin_memory=pin)
-        # The host buffers are rewritten by the next step: not before this step's copies have run.
-        self._copied: torch.cuda.Event | None = None
+        self._fence = CopyFence(device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Every graph copies its logits here, so that the graphs' own outputs go back to the shared pool
         # after capture instead of each holding [rows, vocab] float32 for good (~0.5 GiB per ladder at 7B).
@@ -113,8 +112,7 @@ class PrefillGraphs:
 
     def load(self, plan: StepPlan, size: int) -> None:
         """Write `plan`, its tokens padded to `size`, into the static buffers."""
-        if self._copied is not None:
-            self._copied.synchronize()
+        self._fence.wait()
         n, tokens = plan.num_seqs, len(plan.input_ids)
         # numpy views of the host buffers: filling them from lists is several times cheaper than torch.
         ids, positions, slots, sample = _split(self.host_longs.numpy(), self._long_sections)
@@ -135,9 +133,7 @@ class PrefillGraphs:
         self.longs.copy_(self.host_longs, non_blocking=True)
         self.ints.copy_(self.host_ints, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._fence.mark()
 
     def capture(self) -> None:
         """Capture largest first, all graphs sharing one memory pool (they never run at the same time)."""

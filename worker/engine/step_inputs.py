@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from worker.engine.scheduler import ScheduledBatch
 from worker.engine.sequence import Sequence
 
@@ -83,3 +85,25 @@ def prompt_logprob_spans(batch: ScheduledBatch, plan: StepPlan) -> list[tuple[Se
         first = plan.query_starts[i] - start
         spans.append((seq, range(first + lo, first + hi), seq.token_ids[lo + 1 : hi + 1]))
     return spans
+
+
+class CopyFence:
+    """For pinned host buffers that every step rewrites and copies to the device asynchronously: a copy reads
+    its host buffer when the GPU gets to it, so the buffer must not be rewritten before the last step's
+    copies have run. With decode lookahead the next step's inputs are written while the step before them is
+    still queued; this makes the order a rule instead of a race that timing happens to win."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._recorded = False
+
+    def wait(self) -> None:
+        """Before writing the host buffers (returns at once when the copies have run, as they nearly always have)."""
+        if self._recorded:
+            self._event.synchronize()
+
+    def mark(self) -> None:
+        """After queueing the copies."""
+        if self._event is not None:
+            self._event.record()
+            self._recorded = True

@@ -28,6 +28,38 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
 
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, DecodeMetadata], torch.Tensor]
+Graphs = dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]  # size -> (graph, the logits it writes)
+
+
+def capture_ladder(sizes: list[int], step: Callable[[int], torch.Tensor]) -> Graphs:
+    """A graph of step(size) for each size: {size: (graph, its logits)}. Largest first, all sharing one
+    memory pool (they never run at the same time). Each graph copies its logits into one buffer shared by the
+    ladder, so that the graphs' own outputs go back to the pool after capture instead of each holding
+    [rows, vocab] float32 for good (about 0.5 GiB per ladder at 7B). That is safe because a step's logits are
+    read before the next step replays a graph (a step launched ahead is one whose logits nobody reads
+    again: lookahead.py)."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs: Graphs = {}
+    logits: torch.Tensor | None = None
+    with torch.cuda.stream(stream):
+        for size in sorted(sizes, reverse=True):
+            # One eager run first: compiles the kernels for this shape and warms the allocator.
+            warm = step(size)
+            if logits is None:  # the largest size comes first, with the most rows
+                logits = torch.empty_like(warm)
+            del warm
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                produced = step(size)
+                out = logits[: produced.shape[0]]
+                out.copy_(produced)
+            del produced
+            graphs[size] = (graph, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs
 
 
 class DecodeGraphs:
@@ -40,37 +72,17 @@ class DecodeGraphs:
         self.host_ids = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         self.host_positions = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         self._fence = CopyFence(device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Every graph copies its logits here, so that the graphs' own outputs go back to the shared pool
-        # after capture instead of each holding [rows, vocab] float32 for good (~0.5 GiB per ladder at 7B).
-        # A step's logits are read before the next step replays a graph (the lookahead launches ahead only
-        # steps whose logits nobody reads again: lookahead.py).
-        self.logits: torch.Tensor | None = None
+        self.graphs: Graphs = {}
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
     def capture(self) -> None:
-        """Capture largest first, all graphs sharing one memory pool (they never run at the same time)."""
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
-                meta = self.backend.decode_metadata(size)
-                # One eager run first: compiles the kernels for this shape and warms the allocator.
-                warm = self.forward(self.input_ids[:size], self.positions[:size], meta)
-                if self.logits is None:  # the largest size comes first
-                    self.logits = torch.empty_like(warm)
-                del warm
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.logits[:size]
-                    out.copy_(self.forward(self.input_ids[:size], self.positions[:size], meta))
-                self.graphs[size] = (graph, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        def step(size: int) -> torch.Tensor:
+            return self.forward(self.input_ids[:size], self.positions[:size], self.backend.decode_metadata(size))
+
+        self.graphs = capture_ladder(self.sizes, step)
 
     def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the smallest graph that fits; returns float32 logits [num_seqs, vocab] (a view).

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.attention_backends import PrefillMetadata
+from worker.engine.cuda_graphs import Graphs, capture_ladder
 from worker.engine.step_inputs import CopyFence, StepPlan
 
 # Programs per head beyond one per query tile of the padded size: room for the tiles of decode rows mixed in.
@@ -79,12 +80,7 @@ class PrefillGraphs:
         self.host_ints = torch.zeros(self.ints.shape, dtype=torch.int32, pin_memory=pin)
         self.host_tables = torch.zeros(self.tables.shape, dtype=torch.int32, pin_memory=pin)
         self._fence = CopyFence(device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Every graph copies its logits here, so that the graphs' own outputs go back to the shared pool
-        # after capture instead of each holding [rows, vocab] float32 for good (~0.5 GiB per ladder at 7B).
-        # A step's logits are read before the next step replays a graph (the lookahead launches ahead only
-        # steps whose logits nobody reads again: lookahead.py).
-        self.logits: torch.Tensor | None = None
+        self.graphs: Graphs = {}
 
     @property
     def max_tokens(self) -> int:
@@ -136,24 +132,7 @@ class PrefillGraphs:
         self._fence.mark()
 
     def capture(self) -> None:
-        """Capture largest first, all graphs sharing one memory pool (they never run at the same time)."""
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
-                inputs = self._inputs(size)
-                warm = self.forward(*inputs)  # compiles kernels for this shape, warms the allocator
-                if self.logits is None:  # the largest size comes first
-                    self.logits = torch.empty_like(warm)
-                del warm
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.logits[: inputs[3].shape[0]]
-                    out.copy_(self.forward(*inputs))
-                self.graphs[size] = (graph, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs = capture_ladder(self.sizes, lambda size: self.forward(*self._inputs(size)))
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         """The step's float32 logits [len(plan.sample_indices), vocab] (a view): the graph of the smallest

@@ -83,7 +83,9 @@ def test_a_padded_prefill_gives_the_eager_steps_logits(demo_model_dir: Path) -> 
         positions=[len(a), *list(range(len(b))), *list(range(half))],
         slots=slots(blocks_a, len(a), len(a) + 1) + slots(blocks_b, 0, len(b)) + slots(blocks_c, 0, half),
         query_starts=[0, 1, 1 + len(b)], query_lens=[1, len(b), half], context_lens=[len(a) + 1, len(b), half],
-        block_tables=[blocks_a, blocks_b, blocks_c], sample_indices=[0, len(b)], sampled_seq_indices=[0, 1],
+        block_tables=[blocks_a, blocks_b, blocks_c],
+        # Every sequence's last row, also the chunk's that samples nothing when served: all three are compared.
+        sample_indices=[0, len(b), len(b) + half], sampled_seq_indices=[0, 1, 2],
     )  # fmt: skip
     # The rest of that copy of `a`, after the half cached above: attention reads cached keys.
     rest = StepPlan(
@@ -139,3 +141,45 @@ def test_steps_that_do_not_fit_run_eagerly(demo_model_dir: Path) -> None:
     assert graphs.sizes_run == ([graphs.size_for_tokens(last)] if 0 < last <= 32 else [])
     with pytest.raises(ValueError, match="prefill_graph_max_tokens"):
         EngineConfig(model=str(demo_model_dir), prefill_graph_max_tokens=-1)
+
+
+def run_mix(engine: LLMEngine) -> dict[tuple[str, int], tuple]:
+    """Requests of every kind the engine serves, one arriving while others decode; per (request, sample):
+    token ids, text, finish reason, rounded logprobs."""
+    tok = engine.tokenizer
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_new_tokens=5, ignore_eos=True)
+    requests = [
+        ("greedy", PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True), 1),
+        ("forked", PROMPTS[2], seeded, 2),  # n = 2: the second sample forks from the prefill's logits
+        ("logprobs", PROMPTS[1][:40], SamplingParams(max_new_tokens=4, logprobs=2, ignore_eos=True), 1),
+        ("penalized", PROMPTS[0], SamplingParams(max_new_tokens=5, repetition_penalty=1.3, ignore_eos=True), 1),
+    ]
+    for request_id, prompt, params, n in requests:
+        engine.add_request(request_id, tok.encode(prompt).ids, params, n=n)
+    late = ("late", tok.encode(PROMPTS[1]).ids[:20], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    seen: dict[tuple[str, int], tuple] = {}
+    step = 0
+    while engine.has_unfinished() or late:
+        if step == 2 and late:
+            engine.add_request(*late)
+            late = None
+        for out in engine.step():
+            ids, text, _, lps = seen.get((out.request_id, out.index), ([], "", None, []))
+            lps = lps + [round(lp.logprob, 3) for lp in out.logprobs]
+            seen[(out.request_id, out.index)] = (ids + out.new_token_ids, text + out.text, out.finish_reason, lps)
+        step += 1
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_padded_prefills_change_no_output_of_any_kind_of_request(demo_model_dir: Path) -> None:
+    """Forks, logprobs, penalties, seeded sampling and a late arrival (a mixed step) with and without the
+    padded prefill path: the same tokens, texts, endings and logprobs."""
+    plain = LLMEngine(
+        EngineConfig(model=str(demo_model_dir), attention_backend="triton", max_num_batched_tokens=96, max_num_seqs=8)
+    )
+    padded, graphs = padded_engine(demo_model_dir, 96, max_num_batched_tokens=96, max_num_seqs=8)
+    expected = run_mix(plain)
+    assert run_mix(padded) == expected
+    assert len(expected) == 6  # five requests, one of them with two samples
+    assert graphs.sizes_run

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from worker.engine import triton_attention as ta
+from worker.engine import triton_prefill as tp
 
 BLOCK_SIZE, HEADS, HEAD_DIM = 16, 32, 128  # Code Llama 7B
 
@@ -107,10 +108,10 @@ def bench_prefill(matmul: float, rows: list[dict]) -> None:
         flops = 4 * HEADS * HEAD_DIM * pairs  # QK^T and PV over the visible (query, key) pairs
         ref = reference(q, k_cache, v_cache, tables, ctx, qlen)
         for block_m, block_n, warps, stages in ((64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)):
-            tile_seq, tile_row = ta.prefill_tiles(qlen, block_m)
+            tile_seq, tile_row = tp.prefill_tiles(qlen, block_m)
             meta = [torch.tensor(v, dtype=torch.int32, device="cuda") for v in (tile_seq, tile_row, starts, qlen, ctx)]
             run = functools.partial(
-                ta.prefill_attention, q, k_cache, v_cache, tables, *meta, HEAD_DIM**-0.5,
+                tp.prefill_attention, q, k_cache, v_cache, tables, *meta, HEAD_DIM**-0.5,
                 block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
             )  # fmt: skip
             try:

@@ -9,6 +9,7 @@ import torch
 # Without a GPU, tests/conftest.py has switched Triton to its interpreter.
 triton = pytest.importorskip("triton")
 from worker.engine import triton_attention as ta  # noqa: E402
+from worker.engine import triton_prefill as tp  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bf16 on GPU (the serving dtype); the interpreter runs numpy, which has no bf16.
@@ -95,7 +96,7 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
     tables = random_block_tables(context_lens, block_size, 128)
     q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
     starts = [sum(query_lens[:i]) for i in range(len(cases))]
-    tile_seq, tile_row = ta.prefill_tiles(query_lens, ta.prefill_block_m(DTYPE))
+    tile_seq, tile_row = tp.prefill_tiles(query_lens, tp.prefill_block_m(DTYPE))
 
     def i32(values):
         return torch.tensor(values, dtype=torch.int32, device=DEVICE)
@@ -108,7 +109,7 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
     for persistent in ({}, {"num_tiles": i32([len(tile_seq)]), "programs": max(1, len(tile_seq) // 3)}):
         seqs, rows = (tile_seq + spare, tile_row + [0] * 5) if persistent else (tile_seq, tile_row)
         out = torch.full_like(q, float("nan"))
-        ta.prefill_attention(
+        tp.prefill_attention(
             q, k_cache, v_cache, tables, i32(seqs), i32(rows), i32(starts), i32(query_lens), i32(context_lens),
             scale, out=out, **persistent,
         )  # fmt: skip

@@ -87,9 +87,10 @@ class TritonBackend:
         max_blocks_per_seq: int,
         num_heads: int,
     ) -> None:
-        from worker.engine import triton_attention
+        from worker.engine import triton_attention, triton_prefill
 
         self.ops = triton_attention
+        self.prefill_ops = triton_prefill
         self.k_caches, self.v_caches, self.scale = k_caches, v_caches, scale
         device = k_caches[0].device
         self.device = device
@@ -117,8 +118,8 @@ class TritonBackend:
         for i, (table, n) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
             used = -(-n // block_size)
             tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
-        block_m = self.ops.prefill_block_m(self.k_caches[0].dtype)
-        tile_seq, tile_row = self.ops.prefill_tiles(plan.query_lens, block_m)
+        block_m = self.prefill_ops.prefill_block_m(self.k_caches[0].dtype)
+        tile_seq, tile_row = self.prefill_ops.prefill_tiles(plan.query_lens, block_m)
         i32 = torch.int32
         return PrefillMetadata(
             slots=_device_tensor(plan.slots, torch.long, device),
@@ -177,7 +178,7 @@ class TritonBackend:
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, meta.num_splits,
                 self.workspace,
             )  # fmt: skip
-        return self.ops.prefill_attention(
+        return self.prefill_ops.prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.tile_seq, meta.tile_row, meta.query_starts,
             meta.query_lens, meta.context_lens, self.scale, num_tiles=meta.num_tiles, programs=meta.programs,
         )  # fmt: skip

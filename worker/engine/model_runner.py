@@ -119,7 +119,7 @@ class ModelRunner:
     def make_prefill_graphs(self, max_tokens: int) -> PrefillGraphs:
         """Static buffers for prefill steps of up to max_tokens tokens (Triton backend); capture() makes graphs
         of them on CUDA, and without it they run the same padded steps eagerly (tests on CPU)."""
-        from worker.engine.triton_attention import prefill_block_m
+        from worker.engine.triton_prefill import prefill_block_m
 
         return PrefillGraphs(
             self._forward, max_tokens, self.config.max_num_seqs, self.block_size, self.max_blocks_per_seq,

@@ -55,7 +55,7 @@ class PrefillGraphs:
     ) -> None:
         """forward(ids, positions, metadata, sample rows) -> float32 logits of those rows. block_m: the
         attention kernel's query rows per tile (prefill_block_m). null_slot: a KV slot nobody reads."""
-        from worker.engine.triton_attention import prefill_tiles  # Triton is imported only where it runs
+        from worker.engine.triton_prefill import prefill_tiles  # Triton is imported only where it runs
 
         self._prefill_tiles = prefill_tiles
         self.forward = forward

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engine import attention as torch_attention
-from worker.engine.step_inputs import CopyFence, StepPlan
+from worker.engine.step_inputs import CopyFence, StepPlan, write_block_tables
 
 
 def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -115,9 +115,7 @@ class TritonBackend:
         block_size = self.k_caches[0].shape[1]
         width = max(-(-n // block_size) for n in plan.context_lens)
         tables = torch.zeros(plan.num_seqs, width, dtype=torch.int32)
-        for i, (table, n) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
-            used = -(-n // block_size)
-            tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
+        write_block_tables(tables.numpy(), plan, block_size)
         block_m = self.prefill_ops.prefill_block_m(self.k_caches[0].dtype)
         tile_seq, tile_row = self.prefill_ops.prefill_tiles(plan.query_lens, block_m)
         i32 = torch.int32
@@ -146,18 +144,14 @@ class TritonBackend:
         """Copy a decode plan into the static buffers; rows past the plan (graph padding) use the null block."""
         n = plan.num_seqs
         block_size = self.k_caches[0].shape[1]
-        # numpy views of the pinned host buffers: filling them from lists is several times cheaper than torch.
         self._fence.wait()
+        # numpy views of the pinned host buffers: filling them from lists is several times cheaper than torch.
         slots, lens, tables = self.host_slots.numpy(), self.host_context_lens.numpy(), self.host_block_tables.numpy()
         slots[:n] = plan.slots
         slots[n:batch] = self.NULL_BLOCK * block_size
         lens[:n] = plan.context_lens
         lens[n:batch] = 1
-        width = 1
-        for i, (table, ctx) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
-            used = -(-ctx // block_size)
-            tables[i, :used] = table[:used]
-            width = max(width, used)
+        width = write_block_tables(tables, plan, block_size)
         tables[n:batch, 0] = self.NULL_BLOCK
         self.slots[:batch].copy_(self.host_slots[:batch], non_blocking=True)
         self.context_lens[:batch].copy_(self.host_context_lens[:batch], non_blocking=True)

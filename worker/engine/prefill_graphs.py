@@ -26,7 +26,7 @@ import torch
 
 from worker.engine.attention_backends import PrefillMetadata
 from worker.engine.cuda_graphs import Graphs, capture_ladder
-from worker.engine.step_inputs import CopyFence, StepPlan
+from worker.engine.step_inputs import CopyFence, StepPlan, write_block_tables
 
 # Programs per head beyond one per query tile of the padded size: room for the tiles of decode rows mixed in.
 SPARE_PROGRAMS = 16
@@ -122,10 +122,7 @@ class PrefillGraphs:
         real_seq, real_row = self._prefill_tiles(plan.query_lens, self.block_m)
         m = len(real_seq)
         num_tiles[0], tile_seq[:m], tile_row[:m] = m, real_seq, real_row
-        tables = self.host_tables.numpy()
-        for i, (table, ctx) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
-            used = -(-ctx // self.block_size)
-            tables[i, :used] = table[:used]
+        write_block_tables(self.host_tables.numpy(), plan, self.block_size)
         self.longs.copy_(self.host_longs, non_blocking=True)
         self.ints.copy_(self.host_ints, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)

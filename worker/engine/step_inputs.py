@@ -63,6 +63,18 @@ def plan_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     return plan
 
 
+def write_block_tables(out, plan: StepPlan, block_size: int) -> int:
+    """Row i of `out` (a numpy array: filling it from lists is several times cheaper than torch): sequence
+    i's blocks that cover its context after the step; entries past them are left as they are. Returns the
+    widest row's width."""
+    width = 1
+    for i, (table, context) in enumerate(zip(plan.block_tables, plan.context_lens, strict=True)):
+        used = -(-context // block_size)
+        out[i, :used] = table[:used]
+        width = max(width, used)
+    return width
+
+
 def prompt_logprob_spans(batch: ScheduledBatch, plan: StepPlan) -> list[tuple[Sequence, range, list[int]]]:
     """The extra logits rows this step needs for prompt logprobs, per sequence that wants them: (sequence,
     rows of the packed batch, the prompt tokens those rows predict). Row of position p predicts token

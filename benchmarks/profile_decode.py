@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_setup import build_model, build_vocab_tokenizer
+from benchmarks.prefill_modes import one_step
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
 from worker.engine.engine import StepTiming
 
@@ -113,35 +114,23 @@ def launch_gap(engine: LLMEngine, prompt: int = 128, steps: int = 100) -> dict:
 
 def prefill_host_vs_gpu(engine: LLMEngine, lengths=(32, 128, 256, 512, 1024), runs: int = 12) -> list[dict]:
     """One prompt alone, prefill only (one new token): the host's time to enqueue the step's forward pass
-    (StepTiming.launch_s) against the GPU's time for it (CUDA events around the step). An eager prefill is
-    some 300 launches from Python; when the first figure nears the second, the step waits on the host."""
+    (StepTiming.launch_s) against the GPU's time for it (the same kind of step queued behind a GPU sleep,
+    prefill_modes.one_step). An eager prefill is some 300 launches from Python; when the first figure nears
+    the second, the step waits on the host. (Graph against eager: benchmarks.prefill_modes.)"""
     rows = []
     rng = random.Random(5)
     for length in lengths:
         launch, gpu, wall = [], [], []
         for i in range(runs + 2):  # (the first two: warm-up)
             ids = [1] + [rng.randrange(3, engine.vocab_size) for _ in range(length - 1)]
-            engine.add_request(f"prefill-{length}-{i}", ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
-            torch.cuda.synchronize()
             engine.step_timing = StepTiming()
-            t0 = time.perf_counter()
-            engine.step()  # as served: the GPU runs each kernel as soon as the host has launched it
-            wall_ms = (time.perf_counter() - t0) * 1e3
+            wall_ms = one_step(engine, ids, f"prefill-{length}-{i}", queued=False)
             launch_ms = engine.step_timing.launch_s * 1e3
-            # The same step with every launch queued behind 50 ms of GPU sleep: back to back on the GPU.
-            engine.add_request(f"again-{length}-{i}", ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
-            engine.block_manager.enable_prefix_caching = False  # (else the prompt's blocks are reused)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(100_000_000)
-            start.record()
-            engine.step()
-            end.record()
-            end.synchronize()
-            engine.block_manager.enable_prefix_caching = True
+            ids = [1] + [rng.randrange(3, engine.vocab_size) for _ in range(length - 1)]
+            gpu_ms = one_step(engine, ids, f"queued-{length}-{i}", queued=True)
             if i >= 2:
                 wall.append(wall_ms)
-                gpu.append(start.elapsed_time(end))
+                gpu.append(gpu_ms)
                 launch.append(launch_ms)
         rows.append({"prompt": length, "wall_ms": sorted(wall)[runs // 2], "gpu_ms": sorted(gpu)[runs // 2],
                      "launch_host_ms": sorted(launch)[runs // 2]})  # fmt: skip
@@ -157,17 +146,10 @@ def main() -> None:
     model = build_model("codellama-7b", "", device, torch.bfloat16)
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
     engine = LLMEngine(EngineConfig(model="(in memory)"), tokenizer=tokenizer, model=model)
-    # As configured (prefill steps replayed as CUDA graphs), then eager: the same engine without them.
-    graphs = engine.runner.prefill_graphs
-    prefill = {"graphs": prefill_host_vs_gpu(engine)}
-    engine.runner.prefill_graphs = None
-    prefill["eager"] = prefill_host_vs_gpu(engine)
-    engine.runner.prefill_graphs = graphs
-    for mode, rows in prefill.items():
-        for row in rows:
-            print(f"prefill {mode:6s} {row['prompt']:5d} tokens: wall {row['wall_ms']:.2f} ms, "
-                  f"GPU (events) {row['gpu_ms']:.2f} ms, host launching the forward {row['launch_host_ms']:.2f} ms "
-                  "(medians)")  # fmt: skip
+    prefill = prefill_host_vs_gpu(engine)  # as configured: prefill steps replayed as CUDA graphs
+    for row in prefill:
+        print(f"prefill {row['prompt']:5d} tokens: wall {row['wall_ms']:.2f} ms, GPU (queued) {row['gpu_ms']:.2f} ms, "
+              f"host launching the forward {row['launch_host_ms']:.2f} ms (medians)")  # fmt: skip
     if args.prefill_only:
         if args.out:
             with open(f"{args.out}/profile-prefill.json", "w") as f:

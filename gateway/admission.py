@@ -9,7 +9,8 @@ Limits (0 turns one off):
   the bounded queue;
 - per tenant (API key's tenant): requests in flight, and a token bucket of tokens per second with a burst.
 A rejected request gets RESOURCE_EXHAUSTED with a retry hint. Entries carry the request's deadline as their
-score, so a gateway that dies without releasing them leaks nothing past the deadlines.
+score, so a gateway that dies without releasing them leaks nothing past the deadlines. Every gateway of a
+deployment must have the same limits: each records in Redis only what its own limits count.
 """
 
 from __future__ import annotations
@@ -25,25 +26,45 @@ from protos.keys import JOB_FIELD, Keys
 # ARGV: job, gateway id, ttl s, has claim (0/1), now ms, request id, deadline ms, tokens,
 #       max requests, max tokens, tenant max concurrency, tenant rate (tokens/s), tenant burst
 # Returns {admitted (0/1), reason, retry after ms}.
+#
+# It runs on every request's way to its first token, so it does only what the limits that are on need: the
+# in-flight set only with a request or token limit, the token counts only with a token limit, the tenant's set
+# only with a tenant limit. Entries past their deadline (a gateway that died without releasing them) are swept
+# only when a limit would refuse (they must not keep anyone out) and by every release (so they never pile up).
 ENQUEUE_LUA = """
 local now, rid, deadline, tokens = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local max_requests, max_tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
 local tenant_max, rate, burst = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
--- Forget entries past their deadline (their gateway never released them).
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
-  redis.call('HINCRBY', KEYS[5], '_total', -tonumber(redis.call('HGET', KEYS[5], id) or '0'))
-  redis.call('HDEL', KEYS[5], id)
+local function sweep()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
+    local counted = redis.call('HGET', KEYS[5], id)
+    if counted then
+      redis.call('HINCRBY', KEYS[5], '_total', -tonumber(counted))
+      redis.call('HDEL', KEYS[5], id)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-if max_requests > 0 and redis.call('ZCARD', KEYS[4]) >= max_requests then
-  return {0, 'queue', 1000}
+local function over_limit()
+  if max_requests > 0 and redis.call('ZCARD', KEYS[4]) >= max_requests then
+    return {0, 'queue', 1000}
+  end
+  if max_tokens > 0 and tonumber(redis.call('HGET', KEYS[5], '_total') or '0') + tokens > max_tokens then
+    return {0, 'queue_tokens', 1000}
+  end
+  if tenant_max > 0 and redis.call('ZCARD', KEYS[6]) >= tenant_max then
+    return {0, 'concurrency', 1000}
+  end
+  return nil
 end
-if max_tokens > 0 and tonumber(redis.call('HGET', KEYS[5], '_total') or '0') + tokens > max_tokens then
-  return {0, 'queue_tokens', 1000}
-end
-if tenant_max > 0 and redis.call('ZCARD', KEYS[6]) >= tenant_max then
-  return {0, 'concurrency', 1000}
+local refusal = over_limit()
+if refusal then
+  sweep()
+  refusal = over_limit()
+  if refusal then
+    return refusal
+  end
 end
 local level = nil
 if rate > 0 then
@@ -69,23 +90,40 @@ if level ~= nil then
   redis.call('HSET', KEYS[7], 'level', level - tokens, 'ts', now)
   redis.call('PEXPIRE', KEYS[7], math.ceil(burst * 1000 / rate) + 60000)
 end
-redis.call('ZADD', KEYS[4], deadline, rid)
-redis.call('ZADD', KEYS[6], deadline, rid)
-redis.call('PEXPIRE', KEYS[6], deadline - now + 60000)
-redis.call('HSET', KEYS[5], rid, tokens)
-redis.call('HINCRBY', KEYS[5], '_total', tokens)
+if max_requests > 0 or max_tokens > 0 then
+  redis.call('ZADD', KEYS[4], deadline, rid)
+end
+if max_tokens > 0 then
+  redis.call('HSET', KEYS[5], rid, tokens)
+  redis.call('HINCRBY', KEYS[5], '_total', tokens)
+end
+if tenant_max > 0 then
+  redis.call('ZADD', KEYS[6], deadline, rid)
+  redis.call('PEXPIRE', KEYS[6], deadline - now + 60000)
+end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 return {1, '', 0}
 """
 
-# KEYS: inflight, inflight tokens, tenant inflight. ARGV: request id.
+# KEYS: inflight, inflight tokens, tenant inflight. ARGV: request id, now ms.
+# Releases the request's entries (those its gateway's limits made), then sweeps the entries past their deadline.
 RELEASE_LUA = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[2], '_total', -tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0'))
+local function forget(id)
+  local counted = redis.call('HGET', KEYS[2], id)
+  if counted then
+    redis.call('HINCRBY', KEYS[2], '_total', -tonumber(counted))
+    redis.call('HDEL', KEYS[2], id)
+  end
 end
-redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+forget(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
+  forget(id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
 return 1
 """
 
@@ -148,7 +186,10 @@ class Admission:
 
     async def release(self, request_id: str, tenant: str) -> None:
         keys = self.keys
-        await self._release(keys=[keys.inflight, keys.inflight_tokens, keys.tenant_inflight(tenant)], args=[request_id])
+        await self._release(
+            keys=[keys.inflight, keys.inflight_tokens, keys.tenant_inflight(tenant)],
+            args=[request_id, int(time.time() * 1000)],
+        )
 
 
 assert JOB_FIELD == b"job"  # the script writes the field by name

@@ -14,6 +14,7 @@ import pytest
 from codestream.client import seqs
 from protos import api, api_grpc
 from tests.conftest import running_stack, start_test_gateway
+from tests.test_e2e import check_stream_shape, collect
 
 
 def req(prompt: str = "x = 1", n: int = 4, request_id: str = "") -> api.GenerateRequest:
@@ -117,6 +118,29 @@ async def test_a_dead_gateways_admissions_expire_with_their_deadlines(redis_url:
         call, event = await first_event(stack.stub, req())
         assert event.HasField("queued")
         call.cancel()
+
+
+async def test_releases_sweep_the_admissions_a_dead_gateway_left(redis_url: str, demo_model_dir: Path):
+    """Below the limits, nothing refuses and so nothing sweeps at admission: the next release does, so that
+    a dead gateway's entries (requests and tokens) do not pile up in Redis."""
+    gateway = {"max_inflight_requests": 10, "max_inflight_tokens": 10_000}
+    async with running_stack(redis_url, demo_model_dir, gateway=gateway) as stack:
+        ns, redis = stack.namespace, stack.gateway.generations.redis
+        keys = stack.gateway.generations.keys
+        doomed = await start_test_gateway(redis_url, demo_model_dir, ns, **gateway, request_timeout_s=1.0)
+        doomed.generations.admission.release = _never
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{doomed.port}")
+        await first_event(api_grpc.CodeStreamStub(channel), req(n=8))
+        await doomed.stop(grace_s=0)
+        await channel.close()
+        assert await redis.zcard(keys.inflight) == 1
+        assert int(await redis.hget(keys.inflight_tokens, "_total")) > 0
+        await asyncio.sleep(1.2)  # past its deadline
+        _ids, _text, finished = check_stream_shape(await collect(stack.stub, req(n=2)))
+        assert finished.generated_tokens == 2
+        await asyncio.sleep(0.3)  # (the release runs after the stream ends)
+        assert await redis.zcard(keys.inflight) == 0
+        assert int(await redis.hget(keys.inflight_tokens, "_total") or 0) == 0
 
 
 async def _never(*_args) -> None:

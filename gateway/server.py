@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
+from codestream import redis_client
 from gateway.auth import ApiKeyInterceptor, ApiKeys, load_api_keys, server_credentials
 from gateway.config import GatewayConfig
 from gateway.decoding import DecodingInterceptor
@@ -77,7 +78,7 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
     credentials = server_credentials(config)
     keys = Keys(config.namespace)
     gateway_id = uuid.uuid4().hex[:12]
-    redis = Redis.from_url(config.redis_url)
+    redis = redis_client.connect(config.redis_url)
     try:
         await _check_redis_credentials(redis, config)
     except BaseException:

@@ -116,8 +116,8 @@ def _prompt(
     ids = list(request.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids", "must not be empty")
-    bad = next((t for t in ids if t >= card.vocab_size), None)
-    if bad is not None:
+    if max(ids) >= card.vocab_size:  # (max() first: a scan in C, ~5x faster than finding the culprit)
+        bad = next(t for t in ids if t >= card.vocab_size)
         raise InvalidRequest("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {card.vocab_size})")
     return ids, lambda: card.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -10,8 +10,8 @@ import socket
 import uuid
 
 import structlog
-from redis.asyncio import Redis
 
+from codestream import redis_client
 from protos.fingerprint import tokenizer_fingerprint
 from protos.keys import Keys
 from worker.config import WorkerConfig
@@ -49,7 +49,7 @@ def make_worker(config: WorkerConfig, model_dir: str, engine: LLMEngine | None =
     worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     return Worker(
         engine,
-        Redis.from_url(config.redis_url),
+        redis_client.connect(config.redis_url),
         Keys(config.namespace),
         worker_id,
         tokenizer_fingerprint(model_dir),

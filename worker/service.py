@@ -204,6 +204,7 @@ class Worker:
             self._apply_aborts(outbox)
             self._apply_adds(outbox)
             self._expire(outbox)
+            stepped: tuple[float, int] | None = None  # (seconds, batch size), observed once events are sent
             if self.engine.has_unfinished():
                 started = time.perf_counter()
                 batch = len(self.engine.scheduler.running)
@@ -215,8 +216,7 @@ class Worker:
                         # to the engine thread and back (~0.25 ms on the GPU host) would only delay these
                         # requests' first tokens. Jobs, cancels and heartbeats wait one step at most.
                         outputs = self.engine.step()
-                    self.metrics.step_seconds.observe(time.perf_counter() - started)
-                    self.metrics.batch_size.observe(batch)
+                    stepped = (time.perf_counter() - started, batch)
                 except Exception:
                     log.exception("engine_step_failed")
                     outputs = await self._isolate_failure(outbox)
@@ -232,6 +232,9 @@ class Worker:
                 elif not EAGER_TASKS:
                     await asyncio.sleep(0)  # let the publish send its command before the next step starts
             self.book.announce_started()  # (after the events are on their way: see JobBook.announce_started)
+            if stepped is not None:
+                self.metrics.step_seconds.observe(stepped[0])
+                self.metrics.batch_size.observe(stepped[1])
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

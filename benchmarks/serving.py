@@ -41,6 +41,9 @@ from codestream.stack import stop_child
 PYTHON = sys.executable
 SWEEP = (1, 8, 32, 128)
 TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
+# CODESTREAM_BENCH_PIN=1: the stack's processes on CPUs of their own (as exclusive CPUs from Kubernetes'
+# static CPU manager would place them); by default the kernel places them, and moves them, as it likes.
+PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
 
 
 def log(message: str) -> None:
@@ -190,6 +193,7 @@ def process(name: str, command: list[str], env: dict[str, str], log_dir: Path) -
     log_path = log_dir / f"serving-{name}.log"
     with open(log_path, "wb") as sink:
         proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
+    pin(proc.pid, name)  # (before the interpreter has started any thread: they all inherit it)
     try:
         yield proc
     finally:
@@ -197,12 +201,29 @@ def process(name: str, command: list[str], env: dict[str, str], log_dir: Path) -
         log(f"{name} exited ({proc.returncode}); log {log_path}")
 
 
+def cpu_plan() -> dict[str, list[int]]:
+    """Disjoint CPUs for Redis, the gateway, the worker and the client (this process), from CPU 1 up."""
+    cpus = sorted(os.sched_getaffinity(0))[1:]
+    if len(cpus) < 11:
+        return {}
+    return {"redis": cpus[:1], "gateway": cpus[1:4], "worker": cpus[4:8], "client": cpus[8:11]}
+
+
+def pin(pid: int, name: str) -> None:
+    if PIN and (cpus := cpu_plan().get(name)):
+        os.sched_setaffinity(pid, cpus)
+        log(f"{name} (pid {pid}) pinned to CPUs {cpus}")
+
+
 async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     port = free_port()
     target = f"127.0.0.1:{port}"
+    everywhere = os.sched_getaffinity(0)
+    pin(0, "client")
     with EmbeddedRedis() as redis:  # (started by entering it)
         url = redis.url
+        pin(redis.process.pid, "redis")
         common = {"CODESTREAM_REDIS_URL": url, "CODESTREAM_MODEL": str(model_dir), "CODESTREAM_LOG_FORMAT": "json"}
         gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}
         gateway_env |= {"CODESTREAM_METRICS_PORT": "0", "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}
@@ -226,6 +247,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
                     results["sweep"][str(c)] = await measure(
                         f"sweep c={c}", replace(sweep_options(args, c), target=target)
                     )
+    os.sched_setaffinity(0, everywhere)
+    results["pinned"] = cpu_plan() if PIN else {}
     return results
 
 

@@ -6,17 +6,21 @@
 #   run(command="OUT=$OUT bash benchmarks/serving_ab.sh", carry=[".whl"])   (ab-base/ must not be ignored)
 # ALT_ENV="NAME=value ...": two more probes of this checkout with that environment, interleaved with the
 # repeats (alt1, alt2), as are the baseline's two probes (base1, base2); BASE_ENV: the baseline's environment.
+# REPEATS (default 2): how many of each of those probes.
 # Results: $OUT/{new,rep1,rep2,alt1,alt2,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
-mkdir -p "$R"/new "$R"/rep1 "$R"/rep2 "$R"/hops
-[ -d "$BASE" ] && mkdir -p "$R"/base1 "$R"/base2
-[ -n "${ALT_ENV:-}" ] && mkdir -p "$R"/alt1 "$R"/alt2
+mkdir -p "$R"/new "$R"/hops
+for r in $(seq 1 "${REPEATS:-2}"); do
+  mkdir -p "$R"/rep$r
+  [ -d "$BASE" ] && mkdir -p "$R"/base$r
+  [ -n "${ALT_ENV:-}" ] && mkdir -p "$R"/alt$r
+done
 OUT=$R/new SERVING_ARGS="${NEW_ARGS:---phases engine,w1,ttft,sweep} $SHAPE" bash benchmarks/device_run.sh serving
 export NO_WHEELS=1  # (installed by the first step)
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
-for r in 1 2; do
+for r in $(seq 1 "${REPEATS:-2}"); do
   OUT=$R/rep$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
   [ -n "${ALT_ENV:-}" ] && env $ALT_ENV OUT=$R/alt$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
   if [ -d "$BASE" ]; then
@@ -30,7 +34,7 @@ CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmark
 python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
 restore
 rm -rf "$pristine"
-rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops,rep1,rep2,alt1,alt2,base1,base2}/serving.log
+rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops,rep*,alt*,base*}/serving.log
 ls -R "$R"
 # One line per stack instance: its low-load TTFT median and what it adds over the engine alone (measured in new/).
 python3 - "$R" <<'PY'
@@ -38,7 +42,8 @@ import glob, json, sys
 root = sys.argv[1]
 engine = json.load(open(glob.glob(f"{root}/new/serving-*.json")[0]))["engine"]["ttft_ms"]["median"]
 print(f"engine alone: TTFT median {engine:.3f} ms")
-for name in ("new", "rep1", "alt1", "base1", "rep2", "alt2", "base2", "hops"):
+names = sorted({p.split("/")[-2] for p in glob.glob(f"{root}/*/serving-*.json")}, key=lambda n: (n[-1:], n))
+for name in names:
     for path in glob.glob(f"{root}/{name}/serving-*.json"):
         ttft = json.load(open(path))["service"]["ttft"]["summary"]["ttft_ms"]["median"]
         print(f"{name:6s} TTFT median {ttft:7.3f} ms  added {ttft - engine:6.3f} ms")

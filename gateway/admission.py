@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from protos.keys import JOB_FIELD, Keys
+from protos.keys import DEADLINE_SLACK_S, JOB_FIELD, Keys
 
 # KEYS: jobs, attached, claim, inflight, inflight tokens, tenant inflight, tenant bucket, the request's attempt hash
 # ARGV: job, gateway id, ttl s, has claim (0/1), now ms, request id, deadline ms, tokens,
@@ -167,7 +167,7 @@ class Admission:
     ) -> Verdict:
         """Admit and enqueue the job, or say why not. `claim`: the client chose the id (must be new)."""
         keys, limits = self.keys, self.limits
-        ttl = max(1, int(deadline - time.time()) + 60)
+        ttl = max(1, int(deadline - time.time()) + DEADLINE_SLACK_S)
         burst = limits.tenant_token_burst or int(10 * limits.tenant_tokens_per_s)
         admitted, reason, retry = await self._enqueue(
             keys=[keys.jobs, keys.attached(request_id), keys.request_claim(request_id), keys.inflight,

@@ -32,7 +32,7 @@ from gateway.model_card import ModelCard
 from gateway.router import EventRouter
 from gateway.validation import ResolvedRequest
 from protos import api, bus
-from protos.keys import Keys
+from protos.keys import DEADLINE_SLACK_S, Keys
 
 log = structlog.get_logger("gateway.generations")
 
@@ -184,7 +184,7 @@ class Generations:
         request_id = self.scoped(tenant, client_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys.attached(request_id), keys.event_log(request_id))
-            pipe.set(keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + 60), xx=True)
+            pipe.set(keys.attached(request_id), self.gateway_id, ex=max(1, int(timeout_s) + DEADLINE_SLACK_S), xx=True)
             known, _ = await pipe.execute()
         if not known:
             raise RequestRejected(grpc.StatusCode.NOT_FOUND, f"request {client_id!r} is unknown or expired")

@@ -29,6 +29,12 @@ from dataclasses import dataclass
 JOB_FIELD = b"job"  # the stream entry's only field: a serialized codestream.v1.Job
 EVENT_FIELD = b"e"  # an event log entry's only field: a serialized codestream.v1.GenerateEvent
 WORKER_GROUP = "workers"
+# A request's claim on its client id and its gateway attachment live this long past its deadline: the id
+# stays taken, and Resume finds the request, for that long. Past it the id may be another request's, so a
+# worker drops, without an event, a job it reads later than half of this past the job's deadline (its stream
+# ended long before; half: room for clock skew between the gateway's and the worker's hosts).
+DEADLINE_SLACK_S = 60
+STALE_JOB_S = DEADLINE_SLACK_S // 2
 
 
 @dataclass(frozen=True)

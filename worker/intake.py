@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from protos import api, bus
-from protos.keys import EVENT_FIELD, JOB_FIELD, Keys
+from protos.keys import EVENT_FIELD, JOB_FIELD, STALE_JOB_S, Keys
 from worker.emitter import Emitter
 from worker.jobs import JobBook
 from worker.leases import Claimed, Leases
@@ -121,18 +121,22 @@ class Intake:
             return Running(bus.Job.FromString(job_bytes), entry_id, job_bytes, attempt=attempt)
         except Exception:
             log.error("bad_job_entry", entry_id=entry_id)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self.keys.jobs, self.keys.worker_group, entry_id)
-                pipe.xdel(self.keys.jobs, entry_id)
-                await pipe.execute()
+            await self._discard([entry_id])
             return None
+
+    async def _discard(self, entry_ids: list[bytes]) -> None:
+        """Acknowledge and delete entries that will never run."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.keys.jobs, self.keys.worker_group, *entry_ids)
+            pipe.xdel(self.keys.jobs, *entry_ids)
+            await pipe.execute()
 
     async def _resume(self, claimed: Claimed) -> Running | None:
         """A job taken over from a dead worker: dead-letter it if it has failed too often, else continue it
         from its event log (the tokens the client already has are prefilled, not generated again)."""
         req = await self._parse(claimed.entry_id, {JOB_FIELD: claimed.job_bytes}, attempt=claimed.deliveries)
-        if req is None:
-            return None
+        if req is None or not await self._drop_stale([req]):
+            return None  # (a stale one before its attempt is raised: the id may be another request's now)
         rid = req.request_id
         self.book.counts["reclaimed"] += 1
         if claimed.deliveries > self.leases.max_deliveries:
@@ -157,11 +161,30 @@ class Intake:
         log.info("job_resumed", request_id=rid, attempt=req.attempt, seq=last_seq, tokens=tokens)
         return req
 
+    async def _drop_stale(self, taken: list[Running]) -> list[Running]:
+        """Drop, without an event, the jobs read long past their deadlines (no worker ran them for that long):
+        their streams ended long ago, and their client ids may be other requests' by now (see STALE_JOB_S).
+        Finishing one would log its Finished under an id that a new request may hold, or make the new job
+        look like its second delivery. Returns the others."""
+        limit_ms = (time.time() - STALE_JOB_S) * 1000
+        kept, stale = [], []
+        for req in taken:
+            (stale if req.job.deadline_unix_ms and req.job.deadline_unix_ms < limit_ms else kept).append(req)
+        for req in stale:
+            late_s = round(time.time() - req.job.deadline_unix_ms / 1000, 1)
+            log.warning("stale_job_dropped", request_id=req.request_id, seconds_past_deadline=late_s)
+        if stale:
+            self.book.counts["stale_dropped"] += len(stale)
+            with contextlib.suppress(RedisError, OSError):  # (left pending, a reclaim finds it stale again)
+                await self._discard([req.entry_id for req in stale])
+        return kept
+
     async def _screen(self, taken: list[Running]) -> None:
         """Refuse the unservable, drop the expired, queue the rest for the engine at once; then drop those
         whose client cancelled before this worker took them (a flag in Redis, read after queueing so that its
         round trip is not on every request's time to first token: a cancelled job is rare, and at worst it
         computes a step or two before it is stopped, unseen by its client, who has gone)."""
+        taken = await self._drop_stale(taken)
         fresh: list[Running] = []
         superseded: list[bytes] = []
         for req in taken:

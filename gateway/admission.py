@@ -22,6 +22,26 @@ from redis.asyncio import Redis
 
 from protos.keys import DEADLINE_SLACK_S, JOB_FIELD, Keys
 
+# Both scripts' clean-up (registered in front of each): a request's tokens off the total, and the entries
+# past their deadlines (a gateway that died without releasing them) out of the in-flight set, its token
+# counts and the tenant's set.
+SWEEP_LUA = """
+local function uncount(tokens, id)
+  local counted = redis.call('HGET', tokens, id)
+  if counted then
+    redis.call('HINCRBY', tokens, '_total', -tonumber(counted))
+    redis.call('HDEL', tokens, id)
+  end
+end
+local function sweep(inflight, tokens, tenant, now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', inflight, '-inf', now)) do
+    uncount(tokens, id)
+  end
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', tenant, '-inf', now)
+end
+"""
+
 # KEYS: jobs, attached, claim, inflight, inflight tokens, tenant inflight, tenant bucket, the request's attempt hash
 # ARGV: job, gateway id, ttl s, has claim (0/1), now ms, request id, deadline ms, tokens,
 #       max requests, max tokens, tenant max concurrency, tenant rate (tokens/s), tenant burst
@@ -35,17 +55,6 @@ ENQUEUE_LUA = """
 local now, rid, deadline, tokens = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local max_requests, max_tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
 local tenant_max, rate, burst = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local function sweep()
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
-    local counted = redis.call('HGET', KEYS[5], id)
-    if counted then
-      redis.call('HINCRBY', KEYS[5], '_total', -tonumber(counted))
-      redis.call('HDEL', KEYS[5], id)
-    end
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-end
 local function over_limit()
   if max_requests > 0 and redis.call('ZCARD', KEYS[4]) >= max_requests then
     return {0, 'queue', 1000}
@@ -60,7 +69,7 @@ local function over_limit()
 end
 local refusal = over_limit()
 if refusal then
-  sweep()
+  sweep(KEYS[4], KEYS[5], KEYS[6], now)
   refusal = over_limit()
   if refusal then
     return refusal
@@ -109,21 +118,10 @@ return {1, '', 0}
 # KEYS: inflight, inflight tokens, tenant inflight. ARGV: request id, now ms.
 # Releases the request's entries (those its gateway's limits made), then sweeps the entries past their deadline.
 RELEASE_LUA = """
-local function forget(id)
-  local counted = redis.call('HGET', KEYS[2], id)
-  if counted then
-    redis.call('HINCRBY', KEYS[2], '_total', -tonumber(counted))
-    redis.call('HDEL', KEYS[2], id)
-  end
-end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-forget(ARGV[1])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
-  forget(id)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
+uncount(KEYS[2], ARGV[1])
+sweep(KEYS[1], KEYS[2], KEYS[3], ARGV[2])
 return 1
 """
 
@@ -159,8 +157,8 @@ class Admission:
         self.keys = keys
         self.limits = limits
         self.gateway_id = gateway_id
-        self._enqueue = redis.register_script(ENQUEUE_LUA)
-        self._release = redis.register_script(RELEASE_LUA)
+        self._enqueue = redis.register_script(SWEEP_LUA + ENQUEUE_LUA)
+        self._release = redis.register_script(SWEEP_LUA + RELEASE_LUA)
 
     async def enqueue(
         self, request_id: str, tenant: str, job: bytes, tokens: int, deadline: float, claim: bool

@@ -183,3 +183,20 @@ def test_padded_prefills_change_no_output_of_any_kind_of_request(demo_model_dir:
     assert run_mix(padded) == expected
     assert len(expected) == 6  # five requests, one of them with two samples
     assert graphs.sizes_run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured only there")
+def test_captured_prefill_graphs_change_no_output_on_the_gpu(demo_model_dir: Path) -> None:
+    """The same mix on a GPU, in float32: prefill and mixed steps replayed from captured CUDA graphs against
+    the same steps launched eagerly (prefill graphs off)."""
+    common = {"model": str(demo_model_dir), "device": "cuda", "dtype": "float32"}
+    common |= {"max_num_batched_tokens": 96, "max_num_seqs": 8}
+    eager = LLMEngine(EngineConfig(**common, prefill_graph_max_tokens=0))
+    graphed = LLMEngine(EngineConfig(**common))
+    graphs = graphed.runner.prefill_graphs
+    assert graphs is not None and graphed.runner.graph_stats["prefill"]["graphs"] > 0
+    graphs.__class__ = CountingGraphs
+    graphs.sizes_run = []
+    expected = run_mix(eager)
+    assert run_mix(graphed) == expected
+    assert len(expected) == 6 and graphs.sizes_run  # (the graphs did run the prefills)

@@ -14,7 +14,7 @@ import pytest
 from codestream.client import seqs
 from protos import api, api_grpc
 from tests.conftest import running_stack, start_test_gateway
-from tests.test_e2e import check_stream_shape, collect
+from tests.streams import check_stream_shape, collect
 
 
 def req(prompt: str = "x = 1", n: int = 4, request_id: str = "") -> api.GenerateRequest:

@@ -14,7 +14,7 @@ from gateway.validation import resolve
 from protos import api, bus
 from protos.keys import JOB_FIELD, STALE_JOB_S
 from tests.conftest import running_stack, start_worker
-from tests.test_e2e import check_stream_shape, collect, greedy_request
+from tests.streams import check_stream_shape, collect, greedy_request
 
 
 def with_id(request: api.GenerateRequest, request_id: str) -> api.GenerateRequest:

@@ -124,6 +124,16 @@ class Leases:
                 idle=self.lease_ms * 10, justid=True,
             )  # fmt: skip
 
+    async def enqueue_again(self, jobs: list[bytes]) -> None:
+        """Jobs whose entries Redis lost (it restarted without persistence) and that this worker will not
+        finish: new entries, for another worker to run from their prompts. The same seed gives the same
+        tokens; the emitter skips the seqs already logged, and the gateway those its client already has."""
+        if jobs:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.xadd(self.keys.jobs, {JOB_FIELD: job})
+                await pipe.execute()
+
     async def release(self, entry_ids: list[bytes]) -> None:
         """Acknowledge and delete entries whose jobs this worker runs under other entries."""
         if entry_ids:

@@ -24,6 +24,8 @@ COUNTS = {
     "taken": "jobs taken from the stream (new and reclaimed)",
     "reclaimed": "jobs taken over from a worker that stopped renewing its lease",
     "handed_back": "jobs handed to other workers at shutdown",
+    "requeued": "jobs enqueued anew at shutdown (Redis had lost their entries)",
+    "stale_dropped": "jobs dropped unrun, read long past their deadlines",
     "lease_lost": "jobs this worker lost to another after missing its lease",
     "fenced_writes": "events refused because another attempt owns the job",
     "dead_lettered": "jobs sent to the dead-letter stream",

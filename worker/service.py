@@ -143,17 +143,23 @@ class Worker:
 
     async def _hand_back_all(self) -> None:
         """Past the grace period: stop the remaining jobs here without a final event and let other workers
-        continue them from their event logs."""
+        continue them from their event logs. A job whose entry Redis lost (restarted without persistence)
+        has nothing to hand back: it is enqueued anew, or its stream would go silent until its deadline."""
         remaining = list(self.requests.values())
         for req in remaining:
             self._to_abort[req.request_id] = DROP
         self._wake.set()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=5)
+        leased = [r.entry_id for r in remaining if not r.orphaned]
+        orphans = [r.job_bytes for r in remaining if r.orphaned]
         with contextlib.suppress(RedisError, OSError):
-            await self.leases.hand_back([r.entry_id for r in remaining])
-        self.counts["handed_back"] += len(remaining)
-        log.info("jobs_handed_back", count=len(remaining))
+            await self.leases.hand_back(leased)
+        with contextlib.suppress(RedisError, OSError):
+            await self.leases.enqueue_again(orphans)
+        self.counts["handed_back"] += len(leased)
+        self.counts["requeued"] += len(orphans)
+        log.info("jobs_handed_back", count=len(leased), requeued=len(orphans))
 
     # -- cancels and liveness ----------------------------------------------------------------------------
 

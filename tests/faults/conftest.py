@@ -521,6 +521,12 @@ class Reference:
             self._run(todo, max(max_new_tokens, REFERENCE_TOKENS))
         return [self._cache[p][:max_new_tokens] for p in prompts]
 
+    def tokens_of(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """One prompt's tokens, run alone: for a generation longer than the shared batch's."""
+        if len(self._cache.get(prompt, ())) < max_new_tokens:
+            self._run([prompt], max_new_tokens)
+        return self._cache[prompt][:max_new_tokens]
+
     def _run(self, prompts: list[str], max_new_tokens: int) -> None:
         engine = self.engine
         params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)

@@ -169,3 +169,38 @@ async def test_sigterm_worker_finishes_in_flight_streams_and_takes_nothing_new(
     figure("sigterm_to_streams_done", streams_done - signalled_at, "s")
     figure("sigterm_to_worker_stopped", stopped_at - signalled_at, "s")
     figure("late_request_latency", late.duration, "s")
+
+
+async def test_drained_past_its_grace_a_job_redis_lost_goes_to_the_other_worker(
+    cluster: Cluster, reference: Reference, figure: Callable[..., None]
+) -> None:
+    """Redis restarts without persistence while worker A runs a long job: the job's entry is gone and A goes on
+    with it unleased. A is then drained and its grace runs out before the job ends: with nothing to hand back,
+    it enqueues the job anew and worker B finishes it, every token once. (Before, the stream went silent until
+    its deadline: RELIABILITY.md's gap "after a Redis restart without persistence, with several workers".)"""
+    prompt, max_new = PROMPTS[0], 1800
+    a = cluster.start_worker("worker-a", shutdown_grace_s=0.5, heartbeat_s=0.3)
+    b = cluster.start_worker("worker-b", heartbeat_s=0.3)
+    gateway = cluster.start_gateway("gateway", outage_bound_s=5)
+    await cluster.ready(a, b, gateway)
+    stub = cluster.stub(gateway)
+    ((stream, task, _),) = await streams_on(cluster, stub, a, b, [prompt], max_new, timeout_s=45, chunks=3)
+
+    await cluster.admin.aclose()
+    cluster._admin = None  # the next use connects to the restarted server
+    cluster.redis_server.stop()
+    await asyncio.sleep(0.3)
+    cluster.redis_server.start()
+    await a.wait_event("lease_orphaned", timeout_s=10)
+    drained_at = time.monotonic()
+    a.send(signal.SIGTERM)
+    await a.wait_event("worker_stopped", timeout_s=15)
+    await task
+
+    assert stream.code == grpc.StatusCode.OK, (stream.code, stream.details)
+    assert_exactly_once(stream.events, reference.tokens_of(prompt, max_new), "stream")
+    assert a.counts().get("requeued") == 1, a.counts()
+    b.send(signal.SIGTERM)
+    await b.wait_event("worker_stopped", 15)
+    assert b.counts().get("taken") == 1, b.counts()
+    figure("drain_to_stream_done", stream.ended - drained_at, "s")

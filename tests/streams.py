@@ -32,9 +32,10 @@ async def collect(stub, request: api.GenerateRequest, **kwargs) -> list[api.Gene
     return [event async for event in stub.GenerateStream(request, **kwargs)]
 
 
-def greedy_request(prompt: str, max_new_tokens: int, **stopping) -> api.GenerateRequest:
+def greedy_request(prompt: str, max_new_tokens: int, request_id: str = "", **stopping) -> api.GenerateRequest:
     return api.GenerateRequest(
         prompt=prompt,
+        request_id=request_id,
         stopping=api.StoppingCriteria(max_new_tokens=max_new_tokens, **stopping),
         response=api.ResponseOptions(return_token_ids=True),
     )

@@ -41,18 +41,13 @@ async def test_a_client_id_stays_taken_while_its_request_runs_and_while_its_even
     redis_url: str, demo_model_dir: Path
 ):
     async with running_stack(redis_url, demo_model_dir) as stack:
-
-        def with_key(request: api.GenerateRequest) -> api.GenerateRequest:
-            request.request_id = "idempotency-key-1"
-            return request
-
-        call = stack.stub.GenerateStream(with_key(greedy_request("def first():", 1500, ignore_eos=True)))
+        call = stack.stub.GenerateStream(greedy_request("def first():", 1500, "idempotency-key-1", ignore_eos=True))
         while not (await call.read()).HasField("tokens"):
             pass
         # Refused while it runs, and a refusal does not free the id for the next try.
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stack.stub.Generate(with_key(greedy_request("def other():", 4)), timeout=10)
+                await stack.stub.Generate(greedy_request("def other():", 4, "idempotency-key-1"), timeout=10)
             assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
             await asyncio.sleep(0.3)  # (time for whatever the refusal might wrongly free)
         await stack.stub.Cancel(api.CancelRequest(request_id="idempotency-key-1"))
@@ -62,7 +57,7 @@ async def test_a_client_id_stays_taken_while_its_request_runs_and_while_its_even
         await asyncio.sleep(0.3)  # (the gateway's clean-up after a stream runs in tasks of its own)
         # Ended, its events still kept: the id is still taken (a retry does not generate again) ...
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stack.stub.Generate(with_key(greedy_request("def other():", 4)), timeout=10)
+            await stack.stub.Generate(greedy_request("def other():", 4, "idempotency-key-1"), timeout=10)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS and "Resume" in info.value.details()
         # ... and Resume reads the first request's events, ending as it ended.
         resumed = [e async for e in stack.stub.Resume(api.ResumeRequest(request_id="idempotency-key-1"))]

@@ -17,16 +17,11 @@ from tests.conftest import running_stack, start_worker
 from tests.streams import check_stream_shape, collect, greedy_request
 
 
-def with_id(request: api.GenerateRequest, request_id: str) -> api.GenerateRequest:
-    request.request_id = request_id
-    return request
-
-
 async def leave_stale_job(stack, request_id: str) -> None:
     """The job a gateway enqueued under `request_id` and that no worker took before its deadline (+ slack) had
     passed: by then its claim on the id has expired, and the id is free for a new request."""
     generations = stack.gateway.generations
-    resolved = resolve(with_id(greedy_request("def stale():", 4), request_id), generations.card, generations.config)
+    resolved = resolve(greedy_request("def stale():", 4, request_id), generations.card, generations.config)
     long_ago = time.time() - STALE_JOB_S - 60
     job = bus.Job(
         request_id=request_id,
@@ -47,7 +42,7 @@ async def test_a_stale_job_does_not_take_over_a_new_request_under_its_id(redis_u
         # both at once. Before the fix, the new job was taken for a second delivery of the stale one, which
         # finished at once with DEADLINE: the new request ended DEADLINE_EXCEEDED without a token.
         await leave_stale_job(stack, "reused-id-1")
-        new_request = asyncio.create_task(collect(stack.stub, with_id(greedy_request("def new():", 5), "reused-id-1")))
+        new_request = asyncio.create_task(collect(stack.stub, greedy_request("def new():", 5, "reused-id-1")))
         await asyncio.sleep(0.3)
         with capture_logs() as logs:
             worker = start_worker(redis_url, demo_model_dir, stack.namespace)
@@ -59,7 +54,7 @@ async def test_a_stale_job_does_not_take_over_a_new_request_under_its_id(redis_u
                 # minutes), and the new request was refused with ALREADY_EXISTS.
                 await leave_stale_job(stack, "reused-id-2")
                 await asyncio.sleep(0.5)
-                events = await collect(stack.stub, with_id(greedy_request("def new():", 5), "reused-id-2"))
+                events = await collect(stack.stub, greedy_request("def new():", 5, "reused-id-2"))
                 _ids, _text, finished = check_stream_shape(events)
                 assert finished.stop_reason == api.STOP_REASON_LENGTH and finished.generated_tokens == 5
                 assert worker.worker.counts["stale_dropped"] == 2

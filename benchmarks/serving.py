@@ -44,6 +44,9 @@ TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
 # CODESTREAM_BENCH_PIN=1: the stack's processes on CPUs of their own (as exclusive CPUs from Kubernetes'
 # static CPU manager would place them); by default the kernel places them, and moves them, as it likes.
 PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
+# CODESTREAM_BENCH_REDIS_SOCKET=1: the gateway and the worker reach the embedded Redis through its Unix
+# socket instead of TCP loopback (as `codestream serve`'s processes can, all on one host).
+REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET") == "1"
 
 
 def log(message: str) -> None:
@@ -221,8 +224,9 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
     target = f"127.0.0.1:{port}"
     everywhere = os.sched_getaffinity(0)
     pin(0, "client")
-    with EmbeddedRedis() as redis:  # (started by entering it)
+    with EmbeddedRedis(unix_socket=REDIS_SOCKET) as redis:  # (started by entering it)
         url = redis.url
+        log(f"redis: {url}")
         pin(redis.process.pid, "redis")
         common = {"CODESTREAM_REDIS_URL": url, "CODESTREAM_MODEL": str(model_dir), "CODESTREAM_LOG_FORMAT": "json"}
         gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}

@@ -9,6 +9,8 @@ Rows: the receiver waits asleep in the event loop (as the worker and gateway do)
 busy (a callback that reschedules itself, so that epoll is polled without sleeping): the difference is the
 receiver's wake-up. A warm round trip (PING back to back) is the floor of one request and its reply.
 
+Each through TCP loopback, then the server's Unix socket, then TCP again (to see drift).
+
     python -m benchmarks.wakeups [--messages 400] [--gap-ms 5]
 """
 
@@ -95,24 +97,28 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--gap-ms", type=float, default=5.0)
     args = parser.parse_args()
-    with EmbeddedRedis() as server:
-        url = server.url
-        ping = asyncio.run(warm_round_trip(url, args.messages))
-        print(f"warm PING round trip (back to back): median {statistics.median(ping) * 1e6:.0f} us")
-        print(f"one hop, sender -> Redis -> receiver, {args.gap_ms:g} ms apart ({args.messages} messages):")
-        for kind in ("stream", "pubsub"):
-            for busy in (False, True, False, True):
-                ready: mp.Queue = mp.Queue()
-                process = mp.Process(target=sender, args=(url, kind, args.messages, args.gap_ms / 1000, ready))
-                process.start()
-                latencies = asyncio.run(receive(url, kind, args.messages, busy, ready))[20:]
-                process.join()
-                waits = "busy loop" if busy else "asleep   "
-                q = statistics.quantiles(latencies, n=10)
-                print(
-                    f"  {kind:6s} receiver {waits}  median {statistics.median(latencies) * 1e6:5.0f} us"
-                    f"  p10 {q[0] * 1e6:5.0f}  p90 {q[-1] * 1e6:5.0f}"
-                )
+    with EmbeddedRedis(unix_socket=True) as server:
+        for transport, url in (("tcp", server.tcp_url), ("unix", server.url), ("tcp", server.tcp_url)):
+            hops(url, transport, args.messages, args.gap_ms)
+
+
+def hops(url: str, transport: str, messages: int, gap_ms: float) -> None:
+    ping = asyncio.run(warm_round_trip(url, messages))
+    print(f"[{transport}] warm PING round trip (back to back): median {statistics.median(ping) * 1e6:.0f} us")
+    print(f"[{transport}] one hop, sender -> Redis -> receiver, {gap_ms:g} ms apart ({messages} messages):")
+    for kind in ("stream", "pubsub"):
+        for busy in (False, True):
+            ready: mp.Queue = mp.Queue()
+            process = mp.Process(target=sender, args=(url, kind, messages, gap_ms / 1000, ready))
+            process.start()
+            latencies = asyncio.run(receive(url, kind, messages, busy, ready))[20:]
+            process.join()
+            waits = "busy loop" if busy else "asleep   "
+            q = statistics.quantiles(latencies, n=10)
+            print(
+                f"  {kind:6s} receiver {waits}  median {statistics.median(latencies) * 1e6:5.0f} us"
+                f"  p10 {q[0] * 1e6:5.0f}  p90 {q[-1] * 1e6:5.0f}"
+            )
 
 
 if __name__ == "__main__":

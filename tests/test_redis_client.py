@@ -31,3 +31,28 @@ async def test_the_client_round_trips_through_a_real_server(redis_url: str) -> N
     finally:
         await redis.delete("test-redis-client:k")
         await redis.aclose()
+
+
+async def test_an_embedded_server_on_a_unix_socket_keeps_its_path_across_a_restart() -> None:
+    from codestream.redis_client import HiredisPackedUnixConnection
+    from codestream.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(unix_socket=True)
+    try:
+        url = server.start()
+        assert url.startswith("unix://") and url == server.url
+        redis = connect(url)
+        assert isinstance(redis.connection_pool.make_connection(), HiredisPackedUnixConnection)
+        await redis.set("k", "before", ex=60)
+        assert await redis.get("k") == b"before"
+        await redis.aclose()
+        server.stop()  # (nothing is kept on disk: the key goes with the server)
+        assert server.start() == url, "a restarted server must be found where its clients look"
+        redis = connect(url)
+        assert await redis.get("k") is None
+        await redis.aclose()
+        tcp = connect(server.tcp_url)
+        assert await tcp.ping()
+        await tcp.aclose()
+    finally:
+        server.close()

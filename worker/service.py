@@ -29,6 +29,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from codestream import busy_poll
 from protos import api, bus
 from protos.keys import Keys
 from worker.emitter import Emitter
@@ -198,11 +199,13 @@ class Worker:
 
     # -- the engine --------------------------------------------------------------------------------------
 
-    def _in_engine_thread(self, fn):
+    async def _in_engine_thread(self, fn):
         """Run an engine call on the engine's own thread, so this loop keeps publishing and taking jobs
         meanwhile. One long-lived thread (not asyncio.to_thread's pool and context copy per step): every
-        step pays the hand-over twice, on every stream's token latency."""
-        return asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)
+        step pays the hand-over twice, on every stream's token latency. A busy-polling loop sleeps
+        meanwhile, or it would keep the GIL from the engine thread (codestream/busy_poll.py)."""
+        with busy_poll.paused():
+            return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)
 
     async def _engine_loop(self) -> None:
         while True:

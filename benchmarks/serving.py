@@ -253,6 +253,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
                     )
     os.sched_setaffinity(0, everywhere)
     results["pinned"] = cpu_plan() if PIN else {}
+    results["redis_url"] = url
+    results["busy_poll_us"] = int(os.environ.get("CODESTREAM_BUSY_POLL_US", "0"))
     return results
 
 

@@ -4,17 +4,19 @@
 # timestamps (benchmarks/ttft_hops.py), and a baseline: files of an older commit copied over this checkout.
 #   git show <commit>:worker/service.py > ab-base/worker/service.py   (... whichever files differ)
 #   run(command="OUT=$OUT bash benchmarks/serving_ab.sh", carry=[".whl"])   (ab-base/ must not be ignored)
-# ALT_ENV="NAME=value ...": two more probes of this checkout with that environment, interleaved with the
-# repeats (alt1, alt2), as are the baseline's two probes (base1, base2); BASE_ENV: the baseline's environment.
+# ALT_ENV="NAME=value ...[;NAME=value ...]": more probes of this checkout, one per variant (environment)
+# in each repeat, interleaved with the repeats (alt<variant>r<repeat>), as are the baseline's probes
+# (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
 # REPEATS (default 2): how many of each of those probes.
-# Results: $OUT/{new,rep1,rep2,alt1,alt2,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
+# Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
+IFS=';' read -ra ALTS <<< "${ALT_ENV:-}"
 mkdir -p "$R"/new "$R"/hops
 for r in $(seq 1 "${REPEATS:-2}"); do
   mkdir -p "$R"/rep$r
   [ -d "$BASE" ] && mkdir -p "$R"/base$r
-  [ -n "${ALT_ENV:-}" ] && mkdir -p "$R"/alt$r
+  for i in "${!ALTS[@]}"; do mkdir -p "$R"/alt$((i + 1))r$r; done
 done
 OUT=$R/new SERVING_ARGS="${NEW_ARGS:---phases engine,w1,ttft,sweep} $SHAPE" bash benchmarks/device_run.sh serving
 export NO_WHEELS=1  # (installed by the first step)
@@ -22,7 +24,9 @@ pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
 for r in $(seq 1 "${REPEATS:-2}"); do
   OUT=$R/rep$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
-  [ -n "${ALT_ENV:-}" ] && env $ALT_ENV OUT=$R/alt$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  for i in "${!ALTS[@]}"; do
+    env ${ALTS[$i]} OUT=$R/alt$((i + 1))r$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  done
   if [ -d "$BASE" ]; then
     cp -r "$BASE"/* .
     env ${BASE_ENV:-} OUT=$R/base$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
@@ -30,21 +34,25 @@ for r in $(seq 1 "${REPEATS:-2}"); do
   fi
 done
 python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* .
-CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+env ${HOPS_ENV:-} CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
 python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
 restore
 rm -rf "$pristine"
 rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops,rep*,alt*,base*}/serving.log
 ls -R "$R"
 # One line per stack instance: its low-load TTFT median and what it adds over the engine alone (measured in new/).
-python3 - "$R" <<'PY'
+python3 - "$R" "${ALT_ENV:-}" <<'PY'
 import glob, json, sys
 root = sys.argv[1]
 engine = json.load(open(glob.glob(f"{root}/new/serving-*.json")[0]))["engine"]["ttft_ms"]["median"]
 print(f"engine alone: TTFT median {engine:.3f} ms")
 names = sorted({p.split("/")[-2] for p in glob.glob(f"{root}/*/serving-*.json")}, key=lambda n: (n[-1:], n))
+for i, alt in enumerate(a for a in sys.argv[2].split(";") if a.strip()):
+    print(f"alt{i + 1}: {alt.strip()}")
 for name in names:
     for path in glob.glob(f"{root}/{name}/serving-*.json"):
         ttft = json.load(open(path))["service"]["ttft"]["summary"]["ttft_ms"]["median"]
         print(f"{name:6s} TTFT median {ttft:7.3f} ms  added {ttft - engine:6.3f} ms")
 PY
+# The device tool brings back at most 8 files a call: all of them in one archive.
+[ -n "${TAR:-}" ] && tar czf "$R.tgz" -C "$R" . && rm -rf "$R" && ls -l "$R.tgz"

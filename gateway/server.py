@@ -191,5 +191,7 @@ def _safe_url(config: GatewayConfig) -> str:
     from urllib.parse import urlsplit
 
     parts = urlsplit(config.redis_url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
     host = parts.hostname or ""
     return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"

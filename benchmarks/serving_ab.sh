@@ -51,8 +51,13 @@ for i, alt in enumerate(a for a in sys.argv[2].split(";") if a.strip()):
     print(f"alt{i + 1}: {alt.strip()}")
 for name in names:
     for path in glob.glob(f"{root}/{name}/serving-*.json"):
-        ttft = json.load(open(path))["service"]["ttft"]["summary"]["ttft_ms"]["median"]
-        print(f"{name:6s} TTFT median {ttft:7.3f} ms  added {ttft - engine:6.3f} ms")
+        service = json.load(open(path))["service"]
+        ttft = service["ttft"]["summary"]["ttft_ms"]["median"]
+        line = f"{name:6s} TTFT median {ttft:7.3f} ms  added {ttft - engine:6.3f} ms"
+        if "ttft_sync_client" in service:
+            sync = service["ttft_sync_client"]["summary"]["ttft_ms"]["median"]
+            line += f"  | sync client {sync:7.3f} ms  added {sync - engine:6.3f} ms"
+        print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.
 [ -n "${TAR:-}" ] && tar czf "$R.tgz" -C "$R" . && rm -rf "$R" && ls -l "$R.tgz"

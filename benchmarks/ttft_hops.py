@@ -73,12 +73,15 @@ EDITS = [
     ("gateway/generation.py", "                if out.HasField(\"tokens\"):\n",
      f"                if out.HasField(\"tokens\"):\n                    {IMPORT}\n"
      "                    _hops.hop(self.request_id, 'g_yield')\n"),
-    ("codestream/bench.py", "    outcome = Outcome(sent=time.perf_counter())\n",
+    ("codestream/bench.py",
+     "    outcome = Outcome(sent=time.perf_counter())\n    try:\n        async for event in stub.GenerateStream("
+     "request, metadata=metadata, timeout=options.timeout_s):\n"
+     "            outcome.observe(event, time.perf_counter())\n",
      f"    {IMPORT}\n    hop_id = _hops.client_id()\n    _hops.hop(hop_id, 'c_send')\n"
-     "    outcome = Outcome(sent=time.perf_counter())\n"),
-    ("codestream/bench.py", "                else:\n                    outcome.first_token = now\n",
-     "                else:\n                    outcome.first_token = now\n"
-     "                    _hops.hop(hop_id, 'c_first')\n"),
+     "    outcome = Outcome(sent=time.perf_counter())\n    try:\n        async for event in stub.GenerateStream("
+     "request, metadata=metadata, timeout=options.timeout_s):\n            had_token = outcome.first_token\n"
+     "            outcome.observe(event, time.perf_counter())\n"
+     "            if outcome.first_token and not had_token:\n                _hops.hop(hop_id, 'c_first')\n"),
     ("worker/intake.py", "                    req = await self._parse(entry_id, fields)\n",
      f"                    req = await self._parse(entry_id, fields)\n                    {IMPORT}\n"
      "                    _hops.hop(req.request_id, 'w_read')\n"),

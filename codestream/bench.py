@@ -12,6 +12,11 @@ drawn as benchmarks/engine.py draws W1's, so the two see the same prompts), or a
 (`--prompts FILE`, JSON lines with a "prompt"; `--prompts code` is the set shipped in
 benchmarks/prompts/, HumanEval-style function headers), cycled to --num-prompts.
 
+Client: grpc.aio (default), or `--client sync`: the blocking client, one request at a time, with the
+calling thread reading the stream itself (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, no
+hand-over from a channel thread). The leanest Python client: what a request costs with it is the service's,
+not the asyncio client's (`python -m benchmarks.grpc_hop` compares them).
+
 Every request streams through GenerateStream; the figures are defined in codestream/bench_report.py.
 """
 
@@ -57,6 +62,7 @@ class Options:
     slo: tuple[str, ...] = ()  # "ttft:MS", "tpot:MS", "e2e:MS"
     api_key: str = ""
     progress: bool = True
+    client: str = "aio"  # or "sync": one request at a time, the blocking client reading in this thread
 
 
 @dataclass
@@ -83,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels", type=int, default=1, help="gRPC channels (connections) to spread requests over")
     add("--slo", action="append", default=[], help="goodput limit, ttft:MS, tpot:MS or e2e:MS (repeatable)")
     add("--api-key", default="", help="API key (Authorization: Bearer)")
+    add("--client", choices=("aio", "sync"), default="aio", help="sync: the blocking client, one request at a time")
     add("--json", dest="json_path", default="", help="also write the result as JSON to this file")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -115,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 async def bench(options: Options) -> dict[str, Any]:
     """Run the load against options.target; the result as a JSON-ready dict (config, model, summary)."""
     slos = parse_slos(list(options.slo))
+    if options.client == "sync" and (options.rate > 0 or options.concurrency > 1):
+        raise ValueError("--client sync sends one request at a time: leave --rate unset and --concurrency at 0 or 1")
     channels = [grpc.aio.insecure_channel(options.target) for _ in range(max(1, options.channels))]
     stubs = [api_grpc.CodeStreamStub(channel) for channel in channels]
     metadata = (("authorization", f"Bearer {options.api_key}"),) if options.api_key else ()
@@ -127,7 +136,10 @@ async def bench(options: Options) -> dict[str, Any]:
         warmup = load_prompts(options, info.vocab_size, options.warmup, options.seed + 1) if options.warmup else []
         for i, prompt in enumerate(warmup):
             await one_request(stubs[0], build_request(options, prompt, i), options, metadata)
-        outcomes = await send_all(stubs, prompts, options, metadata, random.Random(options.seed))
+        if options.client == "sync":
+            outcomes = await asyncio.to_thread(send_one_by_one, prompts, options, metadata)
+        else:
+            outcomes = await send_all(stubs, prompts, options, metadata, random.Random(options.seed))
     finally:
         for channel in channels:
             await channel.close()
@@ -178,6 +190,25 @@ async def send_all(
         bar.close()
 
 
+def send_one_by_one(prompts: list[Prompt], options: Options, metadata: tuple) -> list[Outcome]:
+    """--client sync: each request in turn through the blocking client (--rate and --concurrency unused)."""
+    single_thread = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    with grpc.insecure_channel(options.target, options=single_thread) as channel:
+        stub = api_grpc.CodeStreamStub(channel)
+        outcomes = []
+        for i in tqdm(range(options.num_prompts), unit="req", disable=not options.progress, file=sys.stderr):
+            request = build_request(options, prompts[i % len(prompts)], options.warmup + i)
+            outcome = Outcome(sent=time.perf_counter())
+            try:
+                for event in stub.GenerateStream(request, metadata=metadata, timeout=options.timeout_s):
+                    outcome.observe(event, time.perf_counter())
+            except grpc.RpcError as exc:
+                outcome.status, outcome.error = exc.code().name, exc.details() or ""
+            outcome.ended = time.perf_counter()
+            outcomes.append(outcome)
+        return outcomes
+
+
 def build_request(options: Options, prompt: Prompt, index: int) -> api.GenerateRequest:
     request = api.GenerateRequest(
         stopping=api.StoppingCriteria(max_new_tokens=options.output_len, ignore_eos=options.ignore_eos)
@@ -198,25 +229,9 @@ async def one_request(
 ) -> Outcome:
     """Stream one request; what its client saw, errors included (a failed request never raises)."""
     outcome = Outcome(sent=time.perf_counter())
-    last = 0.0
     try:
         async for event in stub.GenerateStream(request, metadata=metadata, timeout=options.timeout_s):
-            now = time.perf_counter()
-            if event.HasField("tokens"):
-                outcome.messages += 1
-                if last:
-                    outcome.itl_s.append(now - last)
-                else:
-                    outcome.first_token = now
-                last = now
-            elif event.HasField("queued"):
-                outcome.prompt_tokens = event.queued.prompt_tokens
-            elif event.HasField("finished"):
-                outcome.output_tokens = event.finished.generated_tokens
-                timings = event.finished.timings
-                if timings.first_token_ms:
-                    outcome.server_queue_s = timings.queue_ms / 1000
-                    outcome.server_first_token_s = timings.first_token_ms / 1000
+            outcome.observe(event, time.perf_counter())
     except grpc.aio.AioRpcError as exc:
         outcome.status, outcome.error = exc.code().name, exc.details() or ""
     outcome.ended = time.perf_counter()

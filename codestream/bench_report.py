@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from protos import api
+
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
 
 
@@ -37,10 +39,29 @@ class Outcome:
     server_first_token_s: float | None = None
     status: str = "OK"  # the gRPC status the stream ended with
     error: str = ""
+    _last: float = 0.0  # the last token message's arrival
 
     @property
     def ok(self) -> bool:
         return self.status == "OK"
+
+    def observe(self, event: api.GenerateEvent, now: float) -> None:
+        """Note one event of the stream, received at `now`."""
+        if event.HasField("tokens"):
+            self.messages += 1
+            if self.first_token:
+                self.itl_s.append(now - self._last)
+            else:
+                self.first_token = now
+            self._last = now
+        elif event.HasField("queued"):
+            self.prompt_tokens = event.queued.prompt_tokens
+        elif event.HasField("finished"):
+            self.output_tokens = event.finished.generated_tokens
+            timings = event.finished.timings
+            if timings.first_token_ms:
+                self.server_queue_s = timings.queue_ms / 1000
+                self.server_first_token_s = timings.first_token_ms / 1000
 
     @property
     def ttft_s(self) -> float | None:

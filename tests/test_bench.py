@@ -71,6 +71,24 @@ async def test_closed_loop_open_loop_and_errors_against_a_real_stack(redis_url: 
         assert "max_new_tokens" in refused["summary"]["error_samples"][0]
 
 
+async def test_the_blocking_client_measures_what_the_asyncio_one_does(redis_url: str, demo_model_dir: Path):
+    async with running_stack(redis_url, demo_model_dir) as stack:
+        target = f"127.0.0.1:{stack.gateway.port}"
+        base = Options(target=target, num_prompts=4, input_len="8:48", output_len=12, progress=False)
+        aio, sync = await bench(base), await bench(replace(base, client="sync"))
+        for result in (aio, sync):
+            s = result["summary"]
+            assert (s["completed"], s["errors"], s["output_tokens"]) == (4, 0, 4 * 12)
+            assert 0 < s["ttft_ms"]["median"] < s["e2e_ms"]["median"] and s["itl_ms"]["median"] > 0
+        # Same seed, same prompts.
+        assert aio["summary"]["prompt_tokens"] == sync["summary"]["prompt_tokens"]
+        assert sync["config"]["client"] == "sync"
+        refused = await bench(replace(base, client="sync", num_prompts=2, output_len=100_000))
+        assert refused["summary"]["errors_by_status"] == {"INVALID_ARGUMENT": 2}
+        with pytest.raises(ValueError, match="one request at a time"):
+            await bench(replace(base, client="sync", concurrency=4))
+
+
 def test_cli_writes_json(redis_url: str, demo_model_dir: Path, tmp_path: Path, capsys):
     import asyncio
 

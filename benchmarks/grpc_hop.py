@@ -26,6 +26,7 @@ import statistics
 import time
 
 import grpc
+import grpc.experimental  # (not imported by `import grpc` alone: ChannelOptions)
 
 from codestream import busy_poll
 from codestream.redis_server import free_port

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.experimental  # (not imported by `import grpc` alone: ChannelOptions)
 from tqdm import tqdm
 
 from codestream.bench_report import Outcome, parse_slos, print_table, summarize

@@ -7,7 +7,7 @@
 # ALT_ENV="NAME=value ...[;NAME=value ...]": more probes of this checkout, one per variant (environment)
 # in each repeat, interleaved with the repeats (alt<variant>r<repeat>), as are the baseline's probes
 # (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
-# REPEATS (default 2): how many of each of those probes.
+# REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs.
 # Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
@@ -23,13 +23,13 @@ export NO_WHEELS=1  # (installed by the first step)
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
 for r in $(seq 1 "${REPEATS:-2}"); do
-  OUT=$R/rep$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  OUT=$R/rep$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
   for i in "${!ALTS[@]}"; do
-    env ${ALTS[$i]} OUT=$R/alt$((i + 1))r$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+    env ${ALTS[$i]} OUT=$R/alt$((i + 1))r$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
   done
   if [ -d "$BASE" ]; then
     cp -r "$BASE"/* .
-    env ${BASE_ENV:-} OUT=$R/base$r SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+    env ${BASE_ENV:-} OUT=$R/base$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
     restore
   fi
 done
@@ -57,6 +57,8 @@ for name in names:
         if "ttft_sync_client" in service:
             sync = service["ttft_sync_client"]["summary"]["ttft_ms"]["median"]
             line += f"  | sync client {sync:7.3f} ms  added {sync - engine:6.3f} ms"
+        if "w1" in service:
+            line += f"  | W1 {service['w1']['summary']['output_throughput']:,.1f} tok/s"
         print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.

@@ -44,9 +44,10 @@ TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
 # CODESTREAM_BENCH_PIN=1: the stack's processes on CPUs of their own (as exclusive CPUs from Kubernetes'
 # static CPU manager would place them); by default the kernel places them, and moves them, as it likes.
 PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
-# CODESTREAM_BENCH_REDIS_SOCKET=1: the gateway and the worker reach the embedded Redis through its Unix
-# socket instead of TCP loopback (as `codestream serve`'s processes can, all on one host).
-REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET") == "1"
+# The gateway and the worker reach the embedded Redis through its Unix socket, as `codestream serve`'s do;
+# CODESTREAM_BENCH_REDIS_SOCKET=0: through TCP loopback, as across hosts (runs before 2026-11-26 10:00 UTC).
+# CODESTREAM_BUSY_POLL_US, when set, reaches both processes (their --busy-poll-us).
+REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET", "1") == "1"
 
 
 def log(message: str) -> None:

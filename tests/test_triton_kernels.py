@@ -201,6 +201,26 @@ def test_gemv_matches_reference(n, k, tile):
     assert relative_error(out, x.double() @ weight.double().T) < TOLERANCE
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "tile"),
+    [
+        (2, 64, 256, (16, 128, 4, 2)),  # every tile full
+        (3, 40, 300, (16, 128, 4, 2)),  # rows and columns past the last full tile (masked)
+        (16, 48, 96, (32, 64, 4, 1)),  # a whole 16-row tile of x
+        (20, 33, 128, (16, 64, 4, 2)),  # more rows than 16 (a 32-row tile), one weight row past a tile
+    ],
+)
+def test_skinny_product_experiment_matches_reference(m, n, k, tile):
+    from benchmarks.skinny_gemm import skinny_linear
+    from worker.engine.triton_gemv import Tile
+
+    weight = torch.randn(n, k, dtype=DTYPE, device=DEVICE)
+    x = torch.randn(m, k, dtype=DTYPE, device=DEVICE)
+    out = skinny_linear(x, weight, Tile(*tile))
+    assert out.shape == (m, n) and out.dtype == DTYPE
+    assert relative_error(out, x.double() @ weight.double().T) < TOLERANCE
+
+
 def test_gemv_table_keeps_cublas_outside_a_graph_capture_and_for_other_shapes():
     from worker.engine import triton_gemv as tg
 

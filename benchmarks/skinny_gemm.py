@@ -99,7 +99,10 @@ def main() -> None:
             theirs = time_products(F.linear, x, group)
             best, best_tile, best_err = float("inf"), None, 0.0
             for tile in GRID:
-                got = skinny_linear(x, group[0], tile).float()
+                try:
+                    got = skinny_linear(x, group[0], tile).float()
+                except triton.runtime.errors.OutOfResources:  # (64 rows with deep pipelines: shared memory)
+                    continue
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 if err > 2e-2:
                     print(f"    {name} M={m} {tile}: wrong (max rel err {err:.3g}), skipped")
@@ -109,7 +112,8 @@ def main() -> None:
                     best, best_tile, best_err = ms, tile, err
             step_cublas += theirs
             step_best += min(best, theirs)
-            tile_text = f"({best_tile.block_n}, {best_tile.block_k}, {best_tile.num_warps}, {best_tile.num_stages})"
+            t = best_tile
+            tile_text = f"({t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages})" if t else "none fits"
             print(f"{m:>3} {name:>8} {theirs:>8.3f} {best:>8.3f}  {tile_text:<38} {best_err:.2g}")
         totals[m] = (step_cublas, step_best)
     print(f"\n{'M':>3} {'step, cuBLAS':>13} {'step, best of both':>19}")

@@ -1,11 +1,9 @@
-"""An experiment, not used by the service: a Triton product for 2-64 rows against cuBLAS, per weight shape.
+"""worker/engine/triton_skinny.py's product for 2-64 rows against cuBLAS, per weight shape and tile.
 
 `python -m benchmarks.skinny` (run 30) found cuBLAS 0.7-1.1 ms above the weights' read floor for a whole
 step's products at 2-128 rows (decode batches of 2-64 sequences, short prefills), where the batch-1 GEMV
-(worker/engine/triton_gemv.py) takes the same gap back at one row. This kernel streams each weight tile
-once for all the step's rows: a program owns BLOCK_N weight rows and every row of x (padded to BLOCK_M,
-16 at least: the tensor-core product's smallest tile), walks K in BLOCK_K tiles with several loads in
-flight, and accumulates in float32 through tl.dot.
+(worker/engine/triton_gemv.py) takes the same gap back at one row. The kernel (triton_skinny.py) streams
+each weight tile once for all the step's rows. This benchmark chose its tiles (triton_skinny.TILES).
 
 The benchmark times, for each M and each of Code Llama 7B's weight shapes, every tile of a small grid over
 all 32 layers' weights of that shape (one CUDA graph, so that weights come from HBM as in a step), checks
@@ -22,51 +20,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from worker.engine.triton_gemv import Tile
-
-
-@triton.jit
-def _skinny_kernel(
-    X, W, Y, M, N, K, stride_x, stride_w, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    w_rows = tl.minimum(rn, N - 1)  # rows past N re-read row N-1; their sums are not stored
-    x_ptrs = X + rm[:, None] * stride_x + rk[None, :]
-    w_ptrs = W + w_rows[:, None].to(tl.int64) * stride_w + rk[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            in_k = k + rk < K
-            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & in_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0, eviction_policy="evict_first")
-        acc += tl.dot(x, tl.trans(w))
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y_ptrs = Y + rm[:, None] * stride_y + rn[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N] for M <= 64, accumulated in float32, rounded to x's dtype."""
-    m, k = x.shape
-    n = weight.shape[0]
-    assert m <= 64 and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, tile.block_n),)](
-        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
-    return y
-
+from worker.engine.triton_skinny import skinny_linear
 
 GRID = [
     Tile(block_n, block_k, warps, stages)

@@ -210,9 +210,9 @@ def test_gemv_matches_reference(n, k, tile):
         (20, 33, 128, (16, 64, 4, 2)),  # more rows than 16 (a 32-row tile), one weight row past a tile
     ],
 )
-def test_skinny_product_experiment_matches_reference(m, n, k, tile):
-    from benchmarks.skinny_gemm import skinny_linear
+def test_skinny_product_matches_reference(m, n, k, tile):
     from worker.engine.triton_gemv import Tile
+    from worker.engine.triton_skinny import skinny_linear
 
     weight = torch.randn(n, k, dtype=DTYPE, device=DEVICE)
     x = torch.randn(m, k, dtype=DTYPE, device=DEVICE)
@@ -221,13 +221,14 @@ def test_skinny_product_experiment_matches_reference(m, n, k, tile):
     assert relative_error(out, x.double() @ weight.double().T) < TOLERANCE
 
 
-def test_gemv_table_keeps_cublas_outside_a_graph_capture_and_for_other_shapes():
-    from worker.engine import triton_gemv as tg
+def test_product_table_keeps_cublas_outside_a_graph_capture_and_for_other_shapes():
+    from worker.engine.product_table import ProductTable
 
-    table = tg.GemvTable({(8, 64)})
-    x = torch.randn(1, 64, dtype=DTYPE, device=DEVICE)
+    table = ProductTable({(8, 64)}, {(8, 64): {2}})
     weight = torch.randn(8, 64, dtype=DTYPE, device=DEVICE)
-    # Eager (not capturing) and a shape not in the table both go to F.linear: bit-identical to it.
-    assert torch.equal(table.linear(x, weight), torch.nn.functional.linear(x, weight))
     other = torch.randn(16, 64, dtype=DTYPE, device=DEVICE)
-    assert torch.equal(table.linear(x, other), torch.nn.functional.linear(x, other))
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 64, dtype=DTYPE, device=DEVICE)
+        # Eager (not capturing) and a shape not in the table both go to F.linear: bit-identical to it.
+        assert torch.equal(table.linear(x, weight), torch.nn.functional.linear(x, weight))
+        assert torch.equal(table.linear(x, other), torch.nn.functional.linear(x, other))

@@ -38,6 +38,7 @@ def engine_config(config: WorkerConfig, model_dir: str) -> EngineConfig:
         cuda_graphs=config.cuda_graphs,
         prefill_graph_max_tokens=config.prefill_graph_max_tokens,
         triton_gemv=config.triton_gemv,
+        triton_skinny=config.triton_skinny,
         decode_lookahead=config.decode_lookahead,
         fault_poison_token_id=config.fault_poison_token_id,
         random_weights=config.random_weights,
@@ -69,7 +70,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         blocks=stats.num_blocks,
         kv_tokens=stats.num_blocks * config.block_size,
         max_model_len=worker.engine.max_model_len,
-        # ms per pass over each weight shape at batch 1 (Triton GEMV vs cuBLAS; the faster one runs).
+        # ms per pass over each weight shape at 1-16 rows (our Triton kernels vs cuBLAS; the faster one runs).
         gemv=worker.engine.runner.gemv_timings or None,
         graphs=worker.engine.runner.graph_stats or None,
     )

@@ -6,8 +6,8 @@ Two versions of the same computation:
 - `FusedLlama` (GPU) runs the same weights through fewer, larger kernels: q/k/v as one matrix product
   and gate/up as another (the transformers modules keep working on views of the fused weights), residual
   add + RMSNorm and SiLU*up each in one Triton kernel (triton_ops.py), rotary fused with the K/V store
-  (triton_attention.py). At batch 1 the matrix products may go through triton_gemv's kernel instead of
-  cuBLAS (`use_gemv`: the model runner times both on the card at start-up).
+  (triton_attention.py). At 1-16 rows the captured steps' matrix products may go through our Triton
+  kernels instead of cuBLAS (`use_product_table`: the model runner times both on the card at start-up).
 
 Both take (input_ids, positions, attention metadata, rows to sample) and return float32 logits.
 """
@@ -85,8 +85,8 @@ class FusedLlama:
         ]
         return [w for ws in per_layer for w in ws] + [self.model.lm_head.weight]
 
-    def use_gemv(self, table) -> None:
-        """Route one-row products through `table.linear` (triton_gemv.GemvTable)."""
+    def use_product_table(self, table) -> None:
+        """Route the captured steps' products through `table.linear` (product_table.ProductTable)."""
         self.linear = table.linear
 
     @torch.inference_mode()

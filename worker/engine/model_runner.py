@@ -79,11 +79,14 @@ class ModelRunner:
         self.llama = (FusedLlama if fused else TorchLlama)(self.model, self.cos, self.sin)
         # ms per pass over each weight shape, ours vs cuBLAS (benchmarks and the worker log print them).
         self.gemv_timings: dict[str, dict[str, float]] = {}
-        if fused and self.device.type == "cuda" and config.triton_gemv:
-            from worker.engine.triton_gemv import GemvTable
+        if fused and self.device.type == "cuda" and (config.triton_gemv or config.triton_skinny):
+            from worker.engine.product_table import ProductTable
+            from worker.engine.triton_skinny import ROWS
 
-            table, self.gemv_timings = GemvTable.build(self.llama.weights())
-            self.llama.use_gemv(table)
+            table, self.gemv_timings = ProductTable.build(
+                self.llama.weights(), with_gemv=config.triton_gemv, skinny_rows=ROWS if config.triton_skinny else ()
+            )
+            self.llama.use_product_table(table)
             torch.cuda.empty_cache()  # the timing graphs' pools, before free memory sizes the KV cache
 
         self.num_blocks = config.num_blocks or self._num_blocks_from_memory()

@@ -9,8 +9,8 @@ loads, several in flight (num_stages), keeps a float32 accumulator per element o
 once at the end, so the loop body is loads and FMAs.
 
 Each weight shape gets the tile that benchmarks/gemv.py found fastest on the H100 (TILES); a shape not
-listed takes DEFAULT_TILE. `GemvTable.build` checks at start-up, on the card in use, that the kernel beats
-F.linear for each shape of the model, and keeps F.linear where it does not.
+listed takes DEFAULT_TILE. `ProductTable.build` (product_table.py) checks at start-up, on the card in use,
+that the kernel beats F.linear for each shape of the model, and keeps F.linear where it does not.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -110,42 +109,3 @@ def time_products(product: Callable[..., torch.Tensor], x: torch.Tensor, weights
     """Milliseconds for product(x, w, **kw) over all `weights` in one CUDA graph: as in a step, each weight
     comes from HBM (one 4096x4096 bf16 weight, 32 MB, would otherwise sit in the 50 MB L2)."""
     return time_graph(lambda: [product(x, w, **kw) for w in weights])
-
-
-class GemvTable:
-    """Which weight shapes the decode path at batch 1 runs through `gemv` (the others through F.linear)."""
-
-    def __init__(self, shapes: set[tuple[int, int]]) -> None:
-        self.shapes = shapes
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Only inside a CUDA graph capture: launched from Python, a Triton kernel costs ~20 us of host time
-        # against cuBLAS's few, which an eager step (a one-token prompt) would pay 129 times.
-        if (
-            x.shape[0] == 1
-            and tuple(weight.shape) in self.shapes
-            and x.is_contiguous()
-            and x.is_cuda
-            and torch.cuda.is_current_stream_capturing()
-        ):
-            return gemv(x, weight)
-        return F.linear(x, weight)
-
-    @classmethod
-    def build(cls, weights: list[torch.Tensor]) -> tuple[GemvTable, dict[str, dict[str, float]]]:
-        """Time gemv against F.linear on each distinct weight shape (all weights of that shape, in a CUDA
-        graph, so that they come from HBM as in a step); keep gemv where it is faster. Returns the table and
-        the timings (ms per pass over all weights of a shape) for the log."""
-        if not weights or weights[0].dtype not in (torch.bfloat16, torch.float16):
-            return cls(set()), {}  # float32 runs keep cuBLAS's arithmetic (the parity checks rely on it)
-        by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for w in weights:
-            by_shape.setdefault(tuple(w.shape), []).append(w)
-        chosen, timings = set(), {}
-        for (n, k), group in by_shape.items():
-            x = torch.randn(1, k, dtype=group[0].dtype, device=group[0].device)
-            ours, theirs = time_products(gemv, x, group), time_products(F.linear, x, group)
-            timings[f"{n}x{k}"] = {"gemv_ms": round(ours, 4), "cublas_ms": round(theirs, 4)}
-            if ours < theirs:
-                chosen.add((n, k))
-        return cls(chosen), timings

@@ -1,12 +1,12 @@
-"""Decode steps at 2-16 sequences on the Code Llama 7B stand-in: wall time per step, with the engine's
+"""Decode steps at 2-32 sequences on the Code Llama 7B stand-in: wall time per step, with the engine's
 settings as given (GPU). For an A/B of an engine setting, run it once per value, interleaved:
 
     python -m benchmarks.decode_batches --engine triton_skinny=true
     python -m benchmarks.decode_batches --engine triton_skinny=false
 
 Each batch: that many streams of 128-token prompts decode together (CUDA graphs, as the worker runs them);
-after 20 warm-up steps, 100 steps are timed (median of 5 runs of 20). The engine keeps at most 16
-sequences (its graphs: 1, 2, 4, 8, 16) and prefills eagerly: start-up is short, and decode is what is
+after 20 warm-up steps, 100 steps are timed (median of 5 runs of 20). The engine keeps at most 32
+sequences (its graphs: 1, 2, 4, 8, 16, 24, 32) and prefills eagerly: start-up is short, and decode is what is
 measured.
 """
 
@@ -24,7 +24,7 @@ from benchmarks.engine import engine_overrides
 from benchmarks.engine_setup import build_model, build_vocab_tokenizer
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
 
-BATCHES = (2, 4, 8, 16)
+BATCHES = (2, 4, 8, 16, 24, 32)
 
 
 def ms_per_step(engine: LLMEngine, streams: int, prompt: int = 128, warm: int = 20, runs: int = 5) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     model = build_model(args.shape, "", device, dtype)
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
-    settings = {"max_num_seqs": 16, "prefill_graph_max_tokens": 0, "num_blocks": 1024} | overrides
+    settings = {"max_num_seqs": 32, "prefill_graph_max_tokens": 0, "num_blocks": 1024} | overrides
     engine = LLMEngine(EngineConfig(model="(in memory)", **settings), tokenizer=tokenizer, model=model)
     label = " ".join(args.engine) or "defaults"
     figures = {b: ms_per_step(engine, b) for b in BATCHES}

@@ -35,7 +35,7 @@ class WorkerConfig:
         1024, "with --cuda-graphs, also replay prefill steps of up to this many tokens as graphs; 0: eager"
     )
     triton_gemv: bool = setting(True, "batch-1 matrix products through the Triton GEMV where it beats cuBLAS (GPU)")
-    triton_skinny: bool = setting(True, "2-16-row matrix products through a Triton kernel where it beats cuBLAS (GPU)")
+    triton_skinny: bool = setting(True, "2-32-row matrix products through a Triton kernel where it beats cuBLAS (GPU)")
     decode_lookahead: bool = setting(True, "launch a decode step before the previous one's tokens are read")
     busy_poll_us: int = setting(
         0, "poll the event loop this long after its last I/O, not sleep (a busy core; ~0.05 ms a hop); 0: off"

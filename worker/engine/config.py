@@ -42,7 +42,7 @@ class EngineConfig:
     # With fused kernels on CUDA: batch-1 matrix products through triton_gemv where it beats cuBLAS on this
     # card (timed at start-up, per weight shape).
     triton_gemv: bool = True
-    # Likewise for decode batches of 2-16 sequences, through triton_skinny (product_table.py).
+    # Likewise for decode batches of 2-32 sequences, through triton_skinny (product_table.py).
     triton_skinny: bool = True
     # Capture decode steps as CUDA graphs (Triton backend on CUDA only).
     cuda_graphs: bool = True

@@ -1,6 +1,6 @@
 """Which matrix products of a captured step go through our Triton kernels, and which through cuBLAS.
 
-At 1 row (a decode step of one sequence) the GEMV (triton_gemv.py), at 2-16 rows (decode batches of that
+At 1 row (a decode step of one sequence) the GEMV (triton_gemv.py), at 2-32 rows (decode batches of that
 many) the skinny product (triton_skinny.py): each where a timing at start-up, on the card in use, finds it
 faster than F.linear for that weight shape and row count. Everything else, and every product outside a CUDA
 graph capture, stays with cuBLAS: launched from Python a Triton kernel costs ~20 µs of host time against

@@ -71,7 +71,7 @@ def main() -> None:
     label = " ".join(args.engine) or "defaults"
     figures = {b: ms_per_step(engine, b) for b in BATCHES}
     print(f"{label:28s} " + "  ".join(f"{b:2d} seqs {ms:6.3f} ms" for b, ms in figures.items()))
-    print(f"  product table (ms per pass over a shape's weights): {json.dumps(engine.runner.gemv_timings)}")
+    print(f"  product table (ms per pass over a shape's weights): {json.dumps(engine.runner.product_timings)}")
 
 
 if __name__ == "__main__":

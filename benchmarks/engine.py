@@ -158,7 +158,7 @@ def start_engine(
     # What actually runs, where this engine version says (getattr: internals move, the benchmark must not).
     record["attention_backend"] = getattr(engine.runner, "backend_name", None)
     record["cuda_graphs"] = getattr(engine.runner, "graphs", None) is not None
-    record["gemv"] = getattr(engine.runner, "gemv_timings", None)
+    record["gemv"] = getattr(engine.runner, "product_timings", None)
     record["graphs"] = getattr(engine.runner, "graph_stats", None)
     if torch.cuda.is_available() and model.device.type == "cuda":
         record["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(model.device)

@@ -71,7 +71,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         kv_tokens=stats.num_blocks * config.block_size,
         max_model_len=worker.engine.max_model_len,
         # ms per pass over each weight shape at 1-16 rows (our Triton kernels vs cuBLAS; the faster one runs).
-        gemv=worker.engine.runner.gemv_timings or None,
+        products=worker.engine.runner.product_timings or None,
         graphs=worker.engine.runner.graph_stats or None,
     )
     worker.metrics.serve(config.metrics_port)

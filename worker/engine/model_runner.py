@@ -78,12 +78,12 @@ class ModelRunner:
         fused = backend == "triton" and config.fused_kernels
         self.llama = (FusedLlama if fused else TorchLlama)(self.model, self.cos, self.sin)
         # ms per pass over each weight shape, ours vs cuBLAS (benchmarks and the worker log print them).
-        self.gemv_timings: dict[str, dict[str, float]] = {}
+        self.product_timings: dict[str, dict[str, float]] = {}
         if fused and self.device.type == "cuda" and (config.triton_gemv or config.triton_skinny):
             from worker.engine.product_table import ProductTable
             from worker.engine.triton_skinny import ROWS
 
-            table, self.gemv_timings = ProductTable.build(
+            table, self.product_timings = ProductTable.build(
                 self.llama.weights(), with_gemv=config.triton_gemv, skinny_rows=ROWS if config.triton_skinny else ()
             )
             self.llama.use_product_table(table)

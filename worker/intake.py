@@ -121,15 +121,8 @@ class Intake:
             return Running(bus.Job.FromString(job_bytes), entry_id, job_bytes, attempt=attempt)
         except Exception:
             log.error("bad_job_entry", entry_id=entry_id)
-            await self._discard([entry_id])
+            await self.leases.release([entry_id])
             return None
-
-    async def _discard(self, entry_ids: list[bytes]) -> None:
-        """Acknowledge and delete entries that will never run."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.keys.jobs, self.keys.worker_group, *entry_ids)
-            pipe.xdel(self.keys.jobs, *entry_ids)
-            await pipe.execute()
 
     async def _resume(self, claimed: Claimed) -> Running | None:
         """A job taken over from a dead worker: dead-letter it if it has failed too often, else continue it
@@ -176,7 +169,7 @@ class Intake:
         if stale:
             self.book.counts["stale_dropped"] += len(stale)
             with contextlib.suppress(RedisError, OSError):  # (left pending, a reclaim finds it stale again)
-                await self._discard([req.entry_id for req in stale])
+                await self.leases.release([req.entry_id for req in stale])
         return kept
 
     async def _screen(self, taken: list[Running]) -> None:

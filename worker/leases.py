@@ -135,7 +135,8 @@ class Leases:
                 await pipe.execute()
 
     async def release(self, entry_ids: list[bytes]) -> None:
-        """Acknowledge and delete entries whose jobs this worker runs under other entries."""
+        """Acknowledge and delete entries that will not run under them: jobs this worker runs under other
+        entries, and entries that will never run (unparseable, or read long past their deadlines)."""
         if entry_ids:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xack(self.keys.jobs, self.keys.worker_group, *entry_ids)

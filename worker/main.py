@@ -70,7 +70,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         blocks=stats.num_blocks,
         kv_tokens=stats.num_blocks * config.block_size,
         max_model_len=worker.engine.max_model_len,
-        # ms per pass over each weight shape at 1-16 rows (our Triton kernels vs cuBLAS; the faster one runs).
+        # ms per pass over each weight shape at 1-32 rows (our Triton kernels vs cuBLAS; the faster one runs).
         products=worker.engine.runner.product_timings or None,
         graphs=worker.engine.runner.graph_stats or None,
     )

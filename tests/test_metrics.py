@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from codestream.redis_server import free_port
 from protos import api
 from tests.conftest import running_stack
+from tests.streams import check_stream_shape, collect, greedy_request
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -31,19 +32,12 @@ async def test_metrics_count_requests_tokens_and_latencies(redis_url: str, demo_
     ) as stack:
         stack.worker.metrics.serve(wk_port)  # (the worker process does this in worker/main.py)
         before = scrape(wk_port)
-        requests = [
-            api.GenerateRequest(
-                prompt=p,
-                stopping=api.StoppingCriteria(max_new_tokens=n, ignore_eos=True),
-                response=api.ResponseOptions(return_token_ids=True),
-            )
-            for p, n in (("def a():", 5), ("def b():", 7), ("def c():", 9))
-        ]
+        lengths = (("def a():", 5), ("def b():", 7), ("def c():", 9))
+        requests = [greedy_request(p, n, ignore_eos=True) for p, n in lengths]
         for r in requests:
-            events = [e async for e in stack.stub.GenerateStream(r)]
             # (Chunks that waited for a slow reader are merged into one message: count tokens, not messages.)
-            assert events[0].HasField("queued") and events[-1].HasField("finished")
-            assert sum(len(e.tokens.token_ids) for e in events) == r.stopping.max_new_tokens
+            ids, _, _ = check_stream_shape(await collect(stack.stub, r))
+            assert len(ids) == r.stopping.max_new_tokens
         with pytest.raises(grpc.aio.AioRpcError):
             await stack.stub.Generate(api.GenerateRequest(prompt=""))
         await asyncio.sleep(0.1)

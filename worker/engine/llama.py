@@ -6,7 +6,7 @@ Two versions of the same computation:
 - `FusedLlama` (GPU) runs the same weights through fewer, larger kernels: q/k/v as one matrix product
   and gate/up as another (the transformers modules keep working on views of the fused weights), residual
   add + RMSNorm and SiLU*up each in one Triton kernel (triton_ops.py), rotary fused with the K/V store
-  (triton_attention.py). At 1-16 rows the captured steps' matrix products may go through our Triton
+  (triton_attention.py). At 1-32 rows the captured steps' matrix products may go through our Triton
   kernels instead of cuBLAS (`use_product_table`: the model runner times both on the card at start-up).
 
 Both take (input_ids, positions, attention metadata, rows to sample) and return float32 logits.

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.engine import engine_overrides
+from benchmarks.engine import engine_overrides, synchronize
 from benchmarks.engine_setup import build_model, build_vocab_tokenizer
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -48,11 +48,6 @@ def ms_per_step(engine: LLMEngine, streams: int, prompt: int = 128, warm: int = 
     for rid in {seq.request_id for seq in engine.sequences.values()}:
         engine.abort_request(rid)
     return statistics.median(times)
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:

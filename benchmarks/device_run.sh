@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger prefill-profile prefill-modes wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -28,6 +28,14 @@ for step in $steps; do
     prefill-profile) timeout 200 python3 -m benchmarks.profile_decode --prefill-only --out "$OUT" 2>&1 | tail -12 ;;
     engine-noprefillgraphs) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --workloads s1,t1 --engine prefill_graph_max_tokens=0 --out "$OUT" 2>&1 | tee "$OUT/engine-noprefillgraphs.log" | tail -20 ;;
     profile) timeout 200 python3 -m benchmarks.profile_decode --out "$OUT" 2>&1 | tail -36 ;;
+    idle-ab) python3 -m benchmarks.cpu_idle | tee "$OUT/cpu-idle.log"
+      for hold in off on off on; do
+        echo "--- PM QoS request: $hold"
+        [ $hold = on ] && { python3 -m benchmarks.cpu_idle --hold 0 > /tmp/hold.log & hold_pid=$!; sleep 2; tail -1 /tmp/hold.log; }
+        timeout 120 python3 -m benchmarks.wakeups --messages 200 2>&1 | grep -v "^\[tcp\] one\|^\[unix\] one"
+        timeout 120 python3 -m benchmarks.grpc_hop --requests 200 2>&1 | tail -5
+        [ $hold = on ] && { python3 -m benchmarks.cpu_idle | tail -2; kill $hold_pid; wait $hold_pid; }
+      done 2>&1 | tee "$OUT/idle-ab.log" ;;
     wakeups) timeout 120 python3 -m benchmarks.wakeups 2>&1 | tee "$OUT/wakeups.log" | tail -18 ;;
     grpc-hop) timeout 120 python3 -m benchmarks.grpc_hop 2>&1 | tee "$OUT/grpc-hop.log" | tail -8 ;;
     skinny) timeout 200 python3 -m benchmarks.skinny 2>&1 | tee "$OUT/skinny.log" | tail -14 ;;

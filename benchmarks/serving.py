@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cpu_idle
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
 from codestream.settings import env_name
@@ -48,6 +49,9 @@ PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
 # CODESTREAM_BENCH_REDIS_SOCKET=0: through TCP loopback, as across hosts (runs before 2026-11-26 10:00 UTC).
 # CODESTREAM_BUSY_POLL_US, when set, reaches both processes (their --busy-poll-us).
 REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET", "1") == "1"
+# CODESTREAM_BENCH_CPU_LATENCY_US=N: hold a PM QoS request of N us for the whole run (benchmarks/cpu_idle.py),
+# engine alone included, so that idle CPUs of a virtual machine poll instead of leaving the guest.
+CPU_LATENCY_US = os.environ.get("CODESTREAM_BENCH_CPU_LATENCY_US")
 
 
 def log(message: str) -> None:
@@ -58,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine_only:
         return engine_only(args)
+    if CPU_LATENCY_US is None:
+        return run(args)
+    with cpu_idle.hold(int(CPU_LATENCY_US)) as held:
+        log(f"PM QoS request of {CPU_LATENCY_US} us held: {held}")
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = write_standin(args.shape, Path(args.work) / f"standin-{args.shape}")
@@ -299,7 +311,14 @@ def run_bus(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    idle = cpu_idle.describe()
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "kernel": idle["kernel"],
+        "idle_driver": idle["idle_driver"],
+        "pm_qos_request_us": idle["pm_qos_request_us"],
+    }
     with contextlib.suppress(Exception):
         import torch
 

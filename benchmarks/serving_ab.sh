@@ -51,12 +51,16 @@ for i, alt in enumerate(a for a in sys.argv[2].split(";") if a.strip()):
     print(f"alt{i + 1}: {alt.strip()}")
 for name in names:
     for path in glob.glob(f"{root}/{name}/serving-*.json"):
-        service = json.load(open(path))["service"]
+        report = json.load(open(path))
+        service = report["service"]
+        # An instance that ran the engine alone itself (REP_PHASES=engine,...) is compared with its own.
+        own = report.get("engine", {}).get("ttft_ms", {}).get("median", engine)
         ttft = service["ttft"]["summary"]["ttft_ms"]["median"]
-        line = f"{name:6s} TTFT median {ttft:7.3f} ms  added {ttft - engine:6.3f} ms"
+        qos = report["machine"].get("pm_qos_request_us")
+        line = f"{name:6s} PM QoS {qos!s:>10s} us  engine {own:7.3f}  TTFT median {ttft:7.3f} ms  added {ttft - own:6.3f} ms"
         if "ttft_sync_client" in service:
             sync = service["ttft_sync_client"]["summary"]["ttft_ms"]["median"]
-            line += f"  | sync client {sync:7.3f} ms  added {sync - engine:6.3f} ms"
+            line += f"  | sync client {sync:7.3f} ms  added {sync - own:6.3f} ms"
         if "w1" in service:
             line += f"  | W1 {service['w1']['summary']['output_throughput']:,.1f} tok/s"
         print(line)

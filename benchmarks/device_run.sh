@@ -33,7 +33,7 @@ for step in $steps; do
         echo "--- PM QoS request: $hold"
         [ $hold = on ] && { python3 -m benchmarks.cpu_idle --hold 0 > /tmp/hold.log & hold_pid=$!; sleep 2; tail -1 /tmp/hold.log; }
         timeout 120 python3 -m benchmarks.wakeups --messages 200 2>&1 | grep -v "^\[tcp\] one\|^\[unix\] one"
-        timeout 120 python3 -m benchmarks.grpc_hop --requests 200 2>&1 | tail -5
+        timeout 120 python3 -m benchmarks.grpc_hop --requests 200 2>&1 | tail -7
         [ $hold = on ] && { python3 -m benchmarks.cpu_idle | tail -2; kill $hold_pid; wait $hold_pid; }
       done 2>&1 | tee "$OUT/idle-ab.log" ;;
     wakeups) timeout 120 python3 -m benchmarks.wakeups 2>&1 | tee "$OUT/wakeups.log" | tail -18 ;;

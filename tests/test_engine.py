@@ -3,6 +3,7 @@ preemption, aborts, seeded sampling."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,43 @@ def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model
         "greedy": FinishReason.LENGTH, "eos": FinishReason.EOS, "stop": FinishReason.STOP_SEQUENCE,
         "seeded": FinishReason.LENGTH, "aborted": FinishReason.ABORTED, "late": FinishReason.LENGTH,
     }  # fmt: skip
+
+
+def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_step(demo_model_dir: Path) -> None:
+    """A W1-like load in a small KV pool: more requests than fit, so most steps run while others wait. Decode
+    steps are launched ahead while the waiting ones cannot start (lookahead.py), and that changes neither
+    the tokens nor the step at which each waiting request starts (its first token comes out of the same
+    step() call as without lookahead)."""
+    ids = [i for text in PROMPTS for i in make_engine(demo_model_dir).tokenizer.encode(text).ids]
+    rng = random.Random(5)
+    requests = []
+    for n in range(14):
+        start, length = rng.randrange(0, len(ids) - 90), rng.randint(20, 90)
+        params = SamplingParams(max_new_tokens=rng.randint(12, 40), ignore_eos=True)
+        if n % 3 == 0:
+            params = SamplingParams(temperature=0.8, seed=n, max_new_tokens=params.max_new_tokens, ignore_eos=True)
+        requests.append((f"r{n}", ids[start : start + length], params))
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(demo_model_dir, num_blocks=40, block_size=8, max_num_seqs=6, decode_lookahead=lookahead)
+        for request_id, prompt, params in requests:
+            engine.add_request(request_id, prompt, params)
+        tokens: dict[str, list[int]] = {}
+        first_call: dict[str, int] = {}
+        calls = ahead_while_waiting = 0
+        while engine.has_unfinished():
+            waiting, ahead = bool(engine.scheduler.waiting), engine.step_timing.steps_ahead
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                first_call.setdefault(out.request_id, calls)
+            ahead_while_waiting += waiting and engine.step_timing.steps_ahead > ahead
+            calls += 1
+        assert engine.stats().num_free_blocks == 40
+        runs.append((tokens, first_call, ahead_while_waiting))
+    (plain, plain_first, none_ahead), (ahead, ahead_first, steps_ahead) = runs
+    assert ahead == plain and len(plain) == 14
+    assert ahead_first == plain_first
+    assert none_ahead == 0 and steps_ahead > 10, steps_ahead
 
 
 def test_a_step_launched_ahead_for_aborted_requests_does_not_delay_the_next_request(demo_model_dir: Path) -> None:

@@ -110,10 +110,26 @@ class BlockManager:
         tokens computed. The last token is always left to compute (its logits are needed). Returns the
         number of tokens reused."""
         assert not seq.block_table and seq.num_computed_tokens == 0
+        for block, h in self._cached_prefix(seq):
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
+
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """The tokens take_cached_prefix would reuse for this sequence now, taking nothing."""
+        return len(self._cached_prefix(seq)) * self.block_size
+
+    def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(block, hash) of the registered blocks the sequence's tokens start with, last token excluded."""
         # A sequence that wants its prompt's logprobs must compute every prompt position itself.
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
-            return 0
+            return []
         bs = self.block_size
+        found = []
         prev = 0
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
@@ -121,14 +137,9 @@ class BlockManager:
             block = self.cached.get(h)
             if block is None or self.block_key[block] != (h, tokens):
                 break
-            if self.ref_counts[block] == 0:
-                del self.free_blocks[block]
-            self.ref_counts[block] += 1
-            seq.block_table.append(block)
-            seq.block_hashes.append(h)
+            found.append((block, h))
             prev = h
-        seq.num_computed_tokens = len(seq.block_table) * bs
-        return seq.num_computed_tokens
+        return found
 
     def record_prefix_lookup(self, num_tokens: int, reused: int) -> None:
         """Count one admitted sequence's lookup (failed admissions are retried, and not counted twice)."""

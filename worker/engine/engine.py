@@ -212,8 +212,7 @@ class LLMEngine:
             step = self._launch()
             if step is None:
                 return []
-        # Not while requests wait: they are scheduled next.
-        if self._lookahead and not (self.scheduler.waiting or self.forks):
+        if self._lookahead and not self.forks:
             self._ahead = self._launch_following(step)
         return self._read(step)
 
@@ -254,6 +253,10 @@ class LLMEngine:
         started = time.perf_counter()
         rows = followers(step, self.block_manager, self.max_model_len)
         if not rows:
+            return None
+        if self.scheduler.waiting and (len(rows) < len(self.scheduler.running) or self.scheduler.could_start_waiting()):
+            # A waiting request is scheduled next when it can start: when a sequence leaves with this step
+            # (its blocks and slot free up), or when it may fit already.
             return None
         seqs = [step.sampled[row] for row in rows]
         plan = plan_following(seqs, self.block_manager, self.config.block_size)

@@ -12,9 +12,15 @@ many: it is skipped when step n+1 is read. The KV slot it wrote is in blocks tha
 that reuses them runs after it on the same stream.
 
 Steps read at once instead, as before: prefill and mixed steps, steps with logprobs, penalties (they need
-the token history on the host) or forks, while requests wait (they must be scheduled next), when a sequence
-reaches max_new_tokens or the model's length with step n, when free blocks are short (a guess never
-preempts), and under fault injection.
+the token history on the host) or forks, when a sequence reaches max_new_tokens or the model's length with
+step n, when free blocks are short (a guess never preempts), and under fault injection.
+
+Requests waiting for room do not stop it. Under a full load (W1: 256 prompts, a KV pool that holds about
+140 of them) requests wait for most of the run, and until one of the running sequences ends they cannot
+start anyway. So a step is launched ahead while sequences wait unless one of them might start with the
+next step: a running sequence leaves with step n, or the first waiting one may fit in the free blocks
+(Scheduler.could_start_waiting, which errs towards yes). A sequence that ends by EOS or a stop string is
+seen only when step n is read; the one it makes room for starts a step later.
 """
 
 from __future__ import annotations

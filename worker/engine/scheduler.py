@@ -68,13 +68,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        decoding = sum(s.num_uncomputed_tokens == 1 for s in self.running)
-        prefill_budget = budget
-        if decoding:
-            # A large decode batch makes a long step anyway (KV reads, GEMMs no longer weight-bound), so the
-            # prefill share grows with it: W1-like loads refill their batch as fast as without the cap.
-            scaled = budget * decoding // self.max_num_seqs
-            prefill_budget = min(budget, max(self.max_prefill_tokens_while_decoding, scaled))
+        prefill_budget = self._prefill_budget(sum(s.num_uncomputed_tokens == 1 for s in self.running))
 
         # 1. Running sequences: one decode token each, or the next chunk of an unfinished prefill.
         scheduled: list[Sequence] = []
@@ -129,6 +123,30 @@ class Scheduler:
             budget -= num_tokens
             prefill_budget -= num_tokens
         return batch
+
+    def _prefill_budget(self, decoding: int) -> int:
+        budget = self.max_num_batched_tokens
+        if not decoding:
+            return budget
+        # A large decode batch makes a long step anyway (KV reads, GEMMs no longer weight-bound), so the
+        # prefill share grows with it: W1-like loads refill their batch as fast as without the cap.
+        scaled = budget * decoding // self.max_num_seqs
+        return min(budget, max(self.max_prefill_tokens_while_decoding, scaled))
+
+    def could_start_waiting(self) -> bool:
+        """Whether the next schedule() might start the first waiting sequence, if every running sequence
+        decodes and none frees its blocks first. Takes nothing. It errs towards yes: the blocks those decodes
+        and the running sequences' reserve will take are not held back. The engine launches a decode step
+        ahead while sequences wait only on a no (lookahead.py), so a wrong no would start one a step late."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        seq = self.waiting[0]
+        decoding = len(self.running)
+        reused = self.block_manager.cached_prefix_tokens(seq)
+        chunk = min(seq.num_tokens - reused, self.max_num_batched_tokens - decoding, self._prefill_budget(decoding))
+        needed = -(-(reused + chunk) // self.block_manager.block_size) - reused // self.block_manager.block_size
+        room = self.block_manager.num_free_blocks - (self.watermark_blocks if self.running else 0)
+        return needed <= room
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -7,7 +7,8 @@
 # ALT_ENV="NAME=value ...[;NAME=value ...]": more probes of this checkout, one per variant (environment)
 # in each repeat, interleaved with the repeats (alt<variant>r<repeat>), as are the baseline's probes
 # (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
-# REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs.
+# REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs;
+# HOPS=0: no instrumented probe; NEW=0: no first full run (new/), the repeats only.
 # Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
@@ -18,7 +19,11 @@ for r in $(seq 1 "${REPEATS:-2}"); do
   [ -d "$BASE" ] && mkdir -p "$R"/base$r
   for i in "${!ALTS[@]}"; do mkdir -p "$R"/alt$((i + 1))r$r; done
 done
-OUT=$R/new SERVING_ARGS="${NEW_ARGS:---phases engine,w1,ttft,sweep} $SHAPE" bash benchmarks/device_run.sh serving
+if [ "${NEW:-1}" = 1 ]; then
+  OUT=$R/new SERVING_ARGS="${NEW_ARGS:---phases engine,w1,ttft,sweep} $SHAPE" bash benchmarks/device_run.sh serving
+else
+  [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 export NO_WHEELS=1  # (installed by the first step)
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
@@ -33,10 +38,12 @@ for r in $(seq 1 "${REPEATS:-2}"); do
     restore
   fi
 done
-python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* .
-env ${HOPS_ENV:-} CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
-python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
-restore
+if [ "${HOPS:-1}" = 1 ]; then
+  python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* .
+  env ${HOPS_ENV:-} CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
+  restore
+fi
 rm -rf "$pristine"
 rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops,rep*,alt*,base*}/serving.log
 ls -R "$R"
@@ -44,8 +51,10 @@ ls -R "$R"
 python3 - "$R" "${ALT_ENV:-}" <<'PY'
 import glob, json, sys
 root = sys.argv[1]
-engine = json.load(open(glob.glob(f"{root}/new/serving-*.json")[0]))["engine"]["ttft_ms"]["median"]
-print(f"engine alone: TTFT median {engine:.3f} ms")
+engine = None
+for path in glob.glob(f"{root}/new/serving-*.json"):
+    engine = json.load(open(path)).get("engine", {}).get("ttft_ms", {}).get("median")
+    print(f"engine alone: TTFT median {engine:.3f} ms")
 names = sorted({p.split("/")[-2] for p in glob.glob(f"{root}/*/serving-*.json")}, key=lambda n: (n[-1:], n))
 for i, alt in enumerate(a for a in sys.argv[2].split(";") if a.strip()):
     print(f"alt{i + 1}: {alt.strip()}")
@@ -55,14 +64,20 @@ for name in names:
         service = report["service"]
         # An instance that ran the engine alone itself (REP_PHASES=engine,...) is compared with its own.
         own = report.get("engine", {}).get("ttft_ms", {}).get("median", engine)
-        ttft = service["ttft"]["summary"]["ttft_ms"]["median"]
         qos = report["machine"].get("pm_qos_request_us")
-        line = f"{name:6s} PM QoS {qos!s:>10s} us  engine {own:7.3f}  TTFT median {ttft:7.3f} ms  added {ttft - own:6.3f} ms"
+        line = f"{name:6s} PM QoS {qos!s:>10s} us"
+        if "ttft" in service and own is not None:
+            ttft = service["ttft"]["summary"]["ttft_ms"]["median"]
+            line += f"  engine {own:7.3f}  TTFT median {ttft:7.3f} ms  added {ttft - own:6.3f} ms"
         if "ttft_sync_client" in service:
             sync = service["ttft_sync_client"]["summary"]["ttft_ms"]["median"]
             line += f"  | sync client {sync:7.3f} ms  added {sync - own:6.3f} ms"
         if "w1" in service:
-            line += f"  | W1 {service['w1']['summary']['output_throughput']:,.1f} tok/s"
+            w1 = service["w1"]["summary"]["output_throughput"]
+            line += f"  | W1 {w1:,.1f} tok/s"
+            if "engine" in report:
+                alone = report["engine"]["w1"]["tokens_per_s"]
+                line += f" of engine alone {alone:,.1f} ({100 * w1 / alone:.1f} %)"
         print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.

@@ -249,7 +249,7 @@ def run_w1(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, deadlin
     """All requests added at once; output tokens over the time from the first add to the last finish."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     preemptions_before = engine.stats().num_preemptions
-    ahead_before = engine.step_timing.steps_ahead
+    timing_before = dataclasses.asdict(engine.step_timing)
     synchronize()
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -297,9 +297,13 @@ def run_w1(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, deadlin
         "outside_step_s": wall_s - in_step_s,  # add_request (add_s of it) and this loop
         "add_s": add_s,
         "preemptions": engine.stats().num_preemptions - preemptions_before,
-        # Steps launched before the previous one was read (lookahead.py): the rest left the GPU idle while
-        # the host read them and prepared the next.
-        "steps_ahead": engine.step_timing.steps_ahead - ahead_before,
+        # Host time inside the steps by phase, and the steps launched before the previous one was read
+        # (lookahead.py): the rest left the GPU idle while the host read them and prepared the next.
+        **{
+            f"step_{key}": value - timing_before[key]
+            for key, value in dataclasses.asdict(engine.step_timing).items()
+            if key.endswith("_s") or key == "steps_ahead"
+        },
     }
 
 

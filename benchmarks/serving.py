@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from codestream.stack import stop_child
 
 PYTHON = sys.executable
 SWEEP = (1, 8, 32, 128)
+ENGINE_PHASES = ("schedule", "launch", "gpu_wait", "outputs")
 TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
 # CODESTREAM_BENCH_PIN=1: the stack's processes on CPUs of their own (as exclusive CPUs from Kubernetes'
 # static CPU manager would place them); by default the kernel places them, and moves them, as it likes.
@@ -166,7 +168,13 @@ def run_engine_only(args: argparse.Namespace, model_dir: Path, out: Path) -> dic
     subprocess.run(command, check=True)
     result = json.loads(path.read_text())
     path.unlink()
-    log(f"engine alone: W1 {result['w1']['tokens_per_s']:,.1f} tok/s, TTFT median {result['ttft_ms']['median']:.2f} ms")
+    w1 = result["w1"]
+    log(f"engine alone: W1 {w1['tokens_per_s']:,.1f} tok/s, TTFT median {result['ttft_ms']['median']:.2f} ms")
+    log(
+        f"engine alone during W1: {w1['wall_s']:.2f} s; in steps {w1['in_step_s']:.2f} s (schedule "
+        f"{w1['step_schedule_s']:.2f}, launch {w1['step_launch_s']:.2f}, GPU wait {w1['step_sample_s']:.2f}, outputs "
+        f"{w1['step_outputs_s']:.2f}); {w1['steps']} steps, {w1['step_steps_ahead']} launched ahead"
+    )
     return result
 
 
@@ -245,6 +253,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
         gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}
         gateway_env |= {"CODESTREAM_METRICS_PORT": "0", "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}
         worker_env = common | {env_name(k): v for k, v in worker_settings(args).items()}
+        metrics_port = free_port()  # the worker's own account of its engine's time (worker/metrics.py)
+        worker_env[env_name("metrics_port")] = str(metrics_port)
         gateway_cmd = [PYTHON, "-m", "codestream.cli", "gateway"]
         worker_cmd = [PYTHON, "-m", "codestream.cli", "worker"]
         with process("gateway", gateway_cmd, gateway_env, out), process("worker", worker_cmd, worker_env, out):
@@ -262,7 +272,10 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
                 sync = replace(w["ttft"], target=target, client="sync", seed=w["ttft"].seed + 1)
                 results["ttft_sync_client"] = await measure("ttft (sync client)", sync)
             if "w1" in args.phases:
+                before = scrape_engine_time(metrics_port)
                 results["w1"] = await measure("w1", replace(w["w1"], target=target))
+                results["w1"]["worker_engine_time"] = engine_time(before, scrape_engine_time(metrics_port))
+                log_engine_time(results["w1"])
             if "sweep" in args.phases:
                 results["sweep"] = {}
                 for c in args.sweep:
@@ -274,6 +287,51 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
     results["redis_url"] = url
     results["busy_poll_us"] = int(os.environ.get("CODESTREAM_BUSY_POLL_US", "0"))
     return results
+
+
+def scrape_engine_time(port: int) -> dict[str, float]:
+    """The worker's engine-time counters (worker/metrics.py, engine_time) and its step histogram's sums."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("codestream_worker_engine_") or sample.name.startswith(
+                "codestream_worker_step_seconds_"
+            ):
+                found[sample.name + "".join(f":{v}" for v in sample.labels.values())] = sample.value
+    return found
+
+
+def engine_time(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where the worker's engine time went during one phase: inside the engine's steps (by host phase), the
+    hand-over to the engine thread and back, and the loop's own work between steps."""
+    d = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    phases = {p: d.get(f"codestream_worker_engine_host_seconds_total:{p}", 0.0) for p in ENGINE_PHASES}
+    stepped, busy = (
+        d.get("codestream_worker_step_seconds_sum", 0.0),
+        d.get("codestream_worker_engine_busy_seconds_total", 0.0),
+    )
+    return {
+        "busy_s": busy,
+        "in_steps_s": sum(phases.values()),
+        **{f"{p}_s": t for p, t in phases.items()},
+        "hand_over_s": stepped - sum(phases.values()),
+        "between_steps_s": busy - stepped,
+        "steps": d.get("codestream_worker_engine_steps_total", 0.0),
+        "steps_ahead": d.get("codestream_worker_engine_steps_ahead_total", 0.0),
+    }
+
+
+def log_engine_time(result: dict[str, Any]) -> None:
+    t, duration = result["worker_engine_time"], result["summary"]["duration_s"]
+    log(
+        f"worker during it: engine busy {t['busy_s']:.2f} s of {duration:.2f} s; in steps {t['in_steps_s']:.2f} s "
+        f"(schedule {t['schedule_s']:.2f}, launch {t['launch_s']:.2f}, GPU wait {t['gpu_wait_s']:.2f}, outputs "
+        f"{t['outputs_s']:.2f}), hand-over {t['hand_over_s']:.2f} s, between steps {t['between_steps_s']:.2f} s; "
+        f"{t['steps']:.0f} steps, {t['steps_ahead']:.0f} launched ahead"
+    )
 
 
 async def measure(name: str, options: Options) -> dict[str, Any]:

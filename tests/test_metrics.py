@@ -15,6 +15,8 @@ from protos import api
 from tests.conftest import running_stack
 from tests.streams import check_stream_shape, collect, greedy_request
 
+PHASES = ("schedule", "launch", "gpu_wait", "outputs")
+
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -60,4 +62,12 @@ async def test_metrics_count_requests_tokens_and_latencies(redis_url: str, demo_
     assert get(wk, "codestream_worker_requests_finished_total", reason="length") == 3
     assert get(wk, "codestream_worker_prompt_tokens_total") > 0
     assert get(wk, "codestream_worker_step_seconds_count") >= 9
+    # Where the engine's time goes: its phases happen inside the steps the loop timed, and those inside the
+    # loop turns that stepped it.
+    phases = [get(wk, "codestream_worker_engine_host_seconds_total", phase=p) for p in PHASES]
+    assert all(t > 0 for t in phases), phases
+    stepped = get(wk, "codestream_worker_step_seconds_sum")
+    assert sum(phases) <= stepped * 1.01 + 1e-3 and stepped <= get(wk, "codestream_worker_engine_busy_seconds_total")
+    assert get(wk, "codestream_worker_engine_steps_total") >= 9
+    assert get(wk, "codestream_worker_engine_steps_ahead_total") >= 1  # (decode steps of one stream)
     assert get(wk, "codestream_worker_running_requests") == 0

@@ -50,6 +50,7 @@ class WorkerCollector(Collector):
         ):
             yield GaugeMetricFamily(f"codestream_worker_{name}", help_text, value=value)
         yield CounterMetricFamily("codestream_worker_preemptions", "sequences preempted", value=stats.num_preemptions)
+        yield from engine_time(worker)
         for key, help_text in COUNTS.items():
             yield CounterMetricFamily(f"codestream_worker_{key}", help_text, value=worker.counts[key])
         finished = CounterMetricFamily(
@@ -59,6 +60,26 @@ class WorkerCollector(Collector):
             if key.startswith("STOP_REASON_") or key.startswith("failed_"):
                 finished.add_metric([key.removeprefix("STOP_REASON_").lower()], value)
         yield finished
+
+
+def engine_time(worker: Worker) -> Iterator:
+    """Where the engine's time goes, cumulative: its own host phases per step (LLMEngine.step_timing), and the
+    wall time of the worker's loop turns that stepped it. busy - step_seconds_sum is what the loop costs
+    between steps (events, jobs); step_seconds_sum - the phases is the hand-over to the engine thread."""
+    timing = worker.engine.step_timing
+    phases = CounterMetricFamily(
+        "codestream_worker_engine_host_seconds", "time inside engine steps, by phase", labels=["phase"]
+    )
+    phases.add_metric(["schedule"], timing.schedule_s)
+    phases.add_metric(["launch"], timing.launch_s)
+    phases.add_metric(["gpu_wait"], timing.sample_s)  # waiting for the step's tokens, sampling included
+    phases.add_metric(["outputs"], timing.outputs_s)
+    yield phases
+    yield CounterMetricFamily("codestream_worker_engine_steps", "engine steps read", value=timing.steps)
+    ahead = "steps launched before the previous one was read"
+    yield CounterMetricFamily("codestream_worker_engine_steps_ahead", ahead, value=timing.steps_ahead)
+    busy = "wall time of engine loop turns that ran a step"
+    yield CounterMetricFamily("codestream_worker_engine_busy_seconds", busy, value=worker.engine_busy_s)
 
 
 class WorkerMetrics:

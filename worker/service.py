@@ -76,6 +76,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._draining = False
         self._publishing: asyncio.Task | None = None
+        # Wall time of the engine loop's turns that found work in the engine: with the engine's own step
+        # timings (metrics.py), it shows what the loop costs between steps.
+        self.engine_busy_s = 0.0
         self.tasks: list[asyncio.Task] = []
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.metrics = WorkerMetrics(self)
@@ -209,6 +212,7 @@ class Worker:
 
     async def _engine_loop(self) -> None:
         while True:
+            turn_started = time.perf_counter()
             outbox = Outbox()
             self._apply_aborts(outbox)
             self._apply_adds(outbox)
@@ -244,6 +248,7 @@ class Worker:
             if stepped is not None:
                 self.metrics.step_seconds.observe(stepped[0])
                 self.metrics.batch_size.observe(stepped[1])
+                self.engine_busy_s += time.perf_counter() - turn_started
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -64,7 +64,9 @@ class StepTiming:
     steps: int = 0
     schedule_s: float = 0.0  # scheduling and laying out the step's inputs
     launch_s: float = 0.0  # copying inputs and enqueuing the forward pass (or replaying its graph)
-    sample_s: float = 0.0  # sampling, including the wait for the GPU to finish the step
+    # Waiting for the GPU to finish the step (its sampling included) when its tokens are read. The phases
+    # add up to the time inside step(): a step launched ahead ran on while the host did other work.
+    sample_s: float = 0.0
     outputs_s: float = 0.0  # detokenization, stop checks, outputs
     batch_tokens: int = 0
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read (lookahead.py)
@@ -276,6 +278,7 @@ class LLMEngine:
     def _read(self, step: LaunchedStep) -> list[RequestOutput]:
         """Wait for a step's tokens, then advance its sequences: counts, cached blocks, stop checks, outputs.
         A sequence that ended while a step launched ahead was running has computed a token too many: skipped."""
+        reading = time.perf_counter()
         token_ids = step.tokens.read()
         waited = time.perf_counter()
         if step.ahead:  # (launched ahead only when no sequence wants logprobs)
@@ -303,7 +306,7 @@ class LLMEngine:
         timing.steps += 1
         timing.schedule_s += step.planned - step.started
         timing.launch_s += step.launched - step.planned
-        timing.sample_s += waited - step.launched  # waits for the GPU: the step's one host sync
+        timing.sample_s += waited - reading  # waits for the GPU: the step's one host sync
         timing.outputs_s += time.perf_counter() - waited
         timing.batch_tokens += len(step.plan.input_ids)
         timing.steps_ahead += step.ahead

@@ -390,6 +390,34 @@ def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_
     assert none_ahead == 0 and steps_ahead > 10, steps_ahead
 
 
+def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read_first(demo_model_dir: Path) -> None:
+    """lookahead.py: a step that carries a whole short prompt next to decodes has a token on the device for every
+    sequence, so the next decode step goes out before it is read; the step of a prompt alone (an idle engine)
+    is read first, so that its first token waits for nothing. Tokens are those of steps read one by one."""
+    tok = make_engine(demo_model_dir).tokenizer
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(demo_model_dir, num_blocks=64, decode_lookahead=lookahead)
+        engine.add_request("a", tok.encode(PROMPTS[0]).ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        ahead_after = []  # steps_ahead after each step() call
+        for call in range(14):
+            if call == 4:
+                engine.add_request("b", tok.encode(PROMPTS[2]).ids, SamplingParams(max_new_tokens=6, ignore_eos=True))
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            ahead_after.append(engine.step_timing.steps_ahead)
+        runs.append((tokens, ahead_after))
+    (plain, none_ahead), (ahead, ahead_after) = runs
+    assert ahead == plain and len(plain["a"]) == 12 and len(plain["b"]) == 6
+    assert none_ahead[-1] == 0
+    assert ahead_after[1] == 0, "the lone prompt's step was not read first"
+    assert ahead_after[2] == 1  # from the third step on, decode steps go out ahead
+    # Call 4 reads a step launched before "b" came, call 5 the step that prefills "b" next to "a"'s decode;
+    # call 6 reads the decode step launched ahead of it.
+    assert ahead_after[6] - ahead_after[5] == 1, ahead_after
+
+
 def test_a_step_launched_ahead_for_aborted_requests_does_not_delay_the_next_request(demo_model_dir: Path) -> None:
     engine = make_engine(demo_model_dir, num_blocks=64)
     ids = engine.tokenizer.encode(PROMPTS[0]).ids

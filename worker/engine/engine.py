@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
-from worker.engine.lookahead import LaunchedStep, PendingTokens, followers, plan_following
+from worker.engine.lookahead import LaunchedStep, PendingTokens, followers, in_flight, plan_following
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
 from worker.engine.sampling_params import SamplingParams
@@ -261,7 +261,7 @@ class LLMEngine:
             # (its blocks and slot free up), or when it may fit already.
             return None
         seqs = [step.sampled[row] for row in rows]
-        plan = plan_following(seqs, self.block_manager, self.config.block_size)
+        plan = plan_following(seqs, [in_flight(step, row) for row in rows], self.block_manager, self.config.block_size)
         input_ids = step.tokens.device
         if len(rows) < len(step.sampled):
             input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]

@@ -11,9 +11,14 @@ A sequence that step n ends (EOS, a stop string) or that is aborted meanwhile ha
 many: it is skipped when step n+1 is read. The KV slot it wrote is in blocks that are free by then; anything
 that reuses them runs after it on the same stream.
 
-Steps read at once instead, as before: prefill and mixed steps, steps with logprobs, penalties (they need
-the token history on the host) or forks, when a sequence reaches max_new_tokens or the model's length with
-step n, when free blocks are short (a guess never preempts), and under fault injection.
+A mixed step n (prompt chunks next to decodes) is followed the same way when each of its chunks ends its
+prompt: every sequence of it then has a sampled token on the device, and step n+1 decodes them all; a
+sequence whose prompt ended in step n has its in-flight token at position num_computed_tokens + its chunk.
+
+Steps read at once instead, as before: a prompt's step alone (an idle engine: its first token must not wait
+for the next step's launch), steps with a prompt chunk that does not end its prompt, steps with logprobs,
+penalties (they need the token history on the host) or forks, when a sequence reaches max_new_tokens or the
+model's length with step n, when free blocks are short (a guess never preempts), and under fault injection.
 
 Requests waiting for room do not stop it. Under a full load (W1: 256 prompts, a KV pool that holds about
 140 of them) requests wait for most of the run, and until one of the running sequences ends they cannot
@@ -77,7 +82,14 @@ def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: in
     """The rows of `step` (indices into step.sampled) whose sequences the next decode step can run before
     `step`'s tokens are read; [] if it cannot be launched ahead (see the module's docstring). The caller
     has checked what is not per sequence."""
-    if step.prompt_spans or not step.plan.is_decode:
+    if step.prompt_spans:
+        return []
+    if not step.plan.is_decode and not (
+        # A mixed step whose prompt chunks all end their prompts: each of its sequences has a token on the
+        # device, so the next step decodes them all. A lone prompt's step (an idle engine) is read first: its
+        # first token would otherwise wait for the next step's launch.
+        len(step.sampled) == len(step.batch.seqs) and 1 in step.batch.num_scheduled_tokens
+    ):
         return []
     rows = []
     for row, seq in enumerate(step.sampled):
@@ -89,18 +101,25 @@ def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: in
         # After this step's token: generated + 1. A sequence whose length ends it with this step stays out.
         if seq.num_generated_tokens + 1 < p.max_new_tokens and seq.num_tokens + 1 < max_model_len:
             rows.append(row)
-    needed = sum(block_manager.blocks_needed(step.sampled[row], 2) for row in rows)
+    needed = sum(block_manager.blocks_needed(step.sampled[row], in_flight(step, row) + 1) for row in rows)
     return rows if needed <= block_manager.num_free_blocks else []
 
 
-def plan_following(seqs: list[Sequence], block_manager: BlockManager, block_size: int) -> StepPlan:
-    """The decode step after the one in flight: each sequence's next position (its in-flight token is
-    position num_computed_tokens), with blocks for it. Input ids are placeholders: the caller passes the
-    in-flight step's sampled ids, on the device."""
+def in_flight(step: LaunchedStep, row: int) -> int:
+    """Tokens the sequence of `row` computes in `step` (1 for a decode; its chunk for a prompt's last)."""
+    return step.batch.num_scheduled_tokens[step.plan.sampled_seq_indices[row]]
+
+
+def plan_following(
+    seqs: list[Sequence], computing: list[int], block_manager: BlockManager, block_size: int
+) -> StepPlan:
+    """The decode step after the one in flight, where each sequence computes `computing` tokens from its
+    num_computed_tokens: its token sampled there sits at the position after them, with a block for the
+    next one. Input ids are placeholders: the caller passes the in-flight step's sampled ids, on the device."""
     plan = StepPlan([], [], [], [], [], [], [], [], [])
-    for i, seq in enumerate(seqs):
-        block_manager.allocate(seq, 2)  # the in-flight token's slot is there already; this adds the next one's
-        position = seq.num_computed_tokens + 1
+    for i, (seq, n) in enumerate(zip(seqs, computing, strict=True)):
+        block_manager.allocate(seq, n + 1)  # the in-flight tokens have their slots; this adds the next one
+        position = seq.num_computed_tokens + n
         table = seq.block_table
         plan.input_ids.append(0)
         plan.positions.append(position)

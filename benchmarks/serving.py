@@ -43,6 +43,7 @@ from codestream.stack import stop_child
 PYTHON = sys.executable
 SWEEP = (1, 8, 32, 128)
 ENGINE_PHASES = ("schedule", "launch", "gpu_wait", "outputs")
+LOOP_PARTS = ("prepare", "step", "collect", "publish", "publish_wait", "rest")
 TTFT_PROBE = {"input_len": "512", "output_len": 8, "num_prompts": 50, "seed": 7}
 # CODESTREAM_BENCH_PIN=1: the stack's processes on CPUs of their own (as exclusive CPUs from Kubernetes'
 # static CPU manager would place them); by default the kernel places them, and moves them, as it likes.
@@ -297,28 +298,24 @@ def scrape_engine_time(port: int) -> dict[str, float]:
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("codestream_worker_engine_") or sample.name.startswith(
-                "codestream_worker_step_seconds_"
-            ):
+            if sample.name.startswith(("codestream_worker_engine_", "codestream_worker_loop_")):
                 found[sample.name + "".join(f":{v}" for v in sample.labels.values())] = sample.value
     return found
 
 
 def engine_time(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Where the worker's engine time went during one phase: inside the engine's steps (by host phase), the
-    hand-over to the engine thread and back, and the loop's own work between steps."""
+    """Where the worker's engine time went during one phase: the loop's turns that ran a step by part
+    (worker/metrics.py, LoopTime), the engine's host phases inside the steps, and the hand-over to the engine
+    thread and back (the loop's step part less the engine's phases)."""
     d = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     phases = {p: d.get(f"codestream_worker_engine_host_seconds_total:{p}", 0.0) for p in ENGINE_PHASES}
-    stepped, busy = (
-        d.get("codestream_worker_step_seconds_sum", 0.0),
-        d.get("codestream_worker_engine_busy_seconds_total", 0.0),
-    )
+    loop = {p: d.get(f"codestream_worker_loop_seconds_total:{p}", 0.0) for p in LOOP_PARTS}
     return {
-        "busy_s": busy,
+        "busy_s": sum(loop.values()),
+        **{f"loop_{p}_s": t for p, t in loop.items()},
         "in_steps_s": sum(phases.values()),
         **{f"{p}_s": t for p, t in phases.items()},
-        "hand_over_s": stepped - sum(phases.values()),
-        "between_steps_s": busy - stepped,
+        "hand_over_s": loop["step"] - sum(phases.values()),
         "steps": d.get("codestream_worker_engine_steps_total", 0.0),
         "steps_ahead": d.get("codestream_worker_engine_steps_ahead_total", 0.0),
     }
@@ -326,10 +323,11 @@ def engine_time(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
 def log_engine_time(result: dict[str, Any]) -> None:
     t, duration = result["worker_engine_time"], result["summary"]["duration_s"]
+    loop = ", ".join(f"{p.replace('_', ' ')} {t[f'loop_{p}_s']:.2f}" for p in LOOP_PARTS if p != "step")
     log(
-        f"worker during it: engine busy {t['busy_s']:.2f} s of {duration:.2f} s; in steps {t['in_steps_s']:.2f} s "
+        f"worker during it: engine loop busy {t['busy_s']:.2f} s of {duration:.2f} s; in steps {t['in_steps_s']:.2f} s "
         f"(schedule {t['schedule_s']:.2f}, launch {t['launch_s']:.2f}, GPU wait {t['gpu_wait_s']:.2f}, outputs "
-        f"{t['outputs_s']:.2f}), hand-over {t['hand_over_s']:.2f} s, between steps {t['between_steps_s']:.2f} s; "
+        f"{t['outputs_s']:.2f}), hand-over {t['hand_over_s']:.2f} s; between steps: {loop}; "
         f"{t['steps']:.0f} steps, {t['steps_ahead']:.0f} launched ahead"
     )
 

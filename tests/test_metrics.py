@@ -16,6 +16,7 @@ from tests.conftest import running_stack
 from tests.streams import check_stream_shape, collect, greedy_request
 
 PHASES = ("schedule", "launch", "gpu_wait", "outputs")
+LOOP_PARTS = ("prepare", "step", "collect", "publish", "publish_wait", "rest")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -71,7 +72,10 @@ async def test_metrics_count_requests_tokens_and_latencies(redis_url: str, demo_
     phases = [get(wk, "codestream_worker_engine_host_seconds_total", phase=p) for p in PHASES]
     assert all(t > 0 for t in phases), phases
     stepped = get(wk, "codestream_worker_step_seconds_sum")
-    assert sum(phases) <= stepped * 1.01 + 1e-3 and stepped <= get(wk, "codestream_worker_engine_busy_seconds_total")
+    loop = {part: get(wk, "codestream_worker_loop_seconds_total", part=part) for part in LOOP_PARTS}
+    assert sum(phases) <= stepped * 1.01 + 1e-3
+    assert loop["step"] == pytest.approx(stepped, rel=0.01, abs=1e-3)
+    assert all(loop[part] > 0 for part in ("prepare", "collect", "publish", "rest")), loop
     assert get(wk, "codestream_worker_engine_steps_total") >= 9
     assert get(wk, "codestream_worker_engine_steps_ahead_total") >= 1  # (decode steps of one stream)
     assert get(wk, "codestream_worker_running_requests") == 0

@@ -7,6 +7,7 @@ engine loop, once per step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -64,8 +65,8 @@ class WorkerCollector(Collector):
 
 def engine_time(worker: Worker) -> Iterator:
     """Where the engine's time goes, cumulative: its own host phases per step (LLMEngine.step_timing), and the
-    wall time of the worker's loop turns that stepped it. busy - step_seconds_sum is what the loop costs
-    between steps (events, jobs); step_seconds_sum - the phases is the hand-over to the engine thread."""
+    worker's loop turns that stepped it (LoopTime). The loop's "step" part less the engine's phases is the
+    hand-over to the engine thread and back."""
     timing = worker.engine.step_timing
     phases = CounterMetricFamily(
         "codestream_worker_engine_host_seconds", "time inside engine steps, by phase", labels=["phase"]
@@ -78,8 +79,43 @@ def engine_time(worker: Worker) -> Iterator:
     yield CounterMetricFamily("codestream_worker_engine_steps", "engine steps read", value=timing.steps)
     ahead = "steps launched before the previous one was read"
     yield CounterMetricFamily("codestream_worker_engine_steps_ahead", ahead, value=timing.steps_ahead)
-    busy = "wall time of engine loop turns that ran a step"
-    yield CounterMetricFamily("codestream_worker_engine_busy_seconds", busy, value=worker.engine_busy_s)
+    loop = CounterMetricFamily(
+        "codestream_worker_loop_seconds", "engine loop turns that ran a step, by part", labels=["part"]
+    )
+    for part in LoopTime.PARTS:
+        loop.add_metric([part], worker.loop_time.seconds[part])
+    yield loop
+
+
+class LoopTime:
+    """Wall time of the worker's engine loop turns that ran a step, by part: applying adds, aborts and
+    deadlines (prepare), the step on the engine thread, turning its outputs into events (collect), starting
+    their publish, waiting for the previous step's publish, and the rest. Everything but the step is time
+    the engine waits for the loop unless a step was launched ahead (lookahead.py)."""
+
+    PARTS = ("prepare", "step", "collect", "publish", "publish_wait", "rest")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    def add(self, turn: Turn) -> None:
+        for part, seconds in turn.parts.items():
+            self.seconds[part] += seconds
+
+
+class Turn:
+    """One loop turn's clock: each mark charges the time since the previous one to a part."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def mark(self, part: str) -> float:
+        """The time since the previous mark goes to `part`; returns now."""
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.last
+        self.last = now
+        return now
 
 
 class WorkerMetrics:

@@ -37,7 +37,7 @@ from worker.engine import LLMEngine, RequestOutput
 from worker.intake import Intake
 from worker.jobs import JobBook
 from worker.leases import Held, Leases
-from worker.metrics import WorkerMetrics
+from worker.metrics import LoopTime, Turn, WorkerMetrics
 from worker.state import Outbox, Running
 
 log = structlog.get_logger("worker")
@@ -76,9 +76,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._draining = False
         self._publishing: asyncio.Task | None = None
-        # Wall time of the engine loop's turns that found work in the engine: with the engine's own step
-        # timings (metrics.py), it shows what the loop costs between steps.
-        self.engine_busy_s = 0.0
+        # Where the engine loop's turns that ran a step spend their time (metrics.py, engine_time).
+        self.loop_time = LoopTime()
         self.tasks: list[asyncio.Task] = []
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.metrics = WorkerMetrics(self)
@@ -212,14 +211,14 @@ class Worker:
 
     async def _engine_loop(self) -> None:
         while True:
-            turn_started = time.perf_counter()
+            turn = Turn()
             outbox = Outbox()
             self._apply_aborts(outbox)
             self._apply_adds(outbox)
             self._expire(outbox)
             stepped: tuple[float, int] | None = None  # (seconds, batch size), observed once events are sent
             if self.engine.has_unfinished():
-                started = time.perf_counter()
+                started = turn.mark("prepare")
                 batch = len(self.engine.scheduler.running)
                 try:
                     if batch:
@@ -229,26 +228,30 @@ class Worker:
                         # to the engine thread and back (~0.25 ms on the GPU host) would only delay these
                         # requests' first tokens. Jobs, cancels and heartbeats wait one step at most.
                         outputs = self.engine.step()
-                    stepped = (time.perf_counter() - started, batch)
+                    stepped = (turn.mark("step") - started, batch)
                 except Exception:
                     log.exception("engine_step_failed")
                     outputs = await self._isolate_failure(outbox)
                 for out in outputs:
                     self.book.collect(out, outbox)
+                turn.mark("collect")
             if outbox:
                 previous = self._publishing
                 self._publishing = start_now(self._publish(outbox, after=previous))
+                turn.mark("publish")
                 if previous is not None and not previous.done():
                     # At most one step's events in flight while the next computes: if Redis stalls, so does
                     # the engine, and nothing piles up.
                     await asyncio.wait({previous})
                 elif not EAGER_TASKS:
                     await asyncio.sleep(0)  # let the publish send its command before the next step starts
+                turn.mark("publish_wait")
             self.book.announce_started()  # (after the events are on their way: see JobBook.announce_started)
             if stepped is not None:
                 self.metrics.step_seconds.observe(stepped[0])
                 self.metrics.batch_size.observe(stepped[1])
-                self.engine_busy_s += time.perf_counter() - turn_started
+                turn.mark("rest")
+                self.loop_time.add(turn)
             if not self.engine.has_unfinished() and not self._to_add and not self._to_abort:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -302,7 +302,7 @@ def run_w1(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, deadlin
         **{
             f"step_{key}": value - timing_before[key]
             for key, value in dataclasses.asdict(engine.step_timing).items()
-            if key.endswith("_s") or key == "steps_ahead"
+            if key.endswith("_s") or key in ("steps_ahead", "steps_early")
         },
     }
 

@@ -174,7 +174,8 @@ def run_engine_only(args: argparse.Namespace, model_dir: Path, out: Path) -> dic
     log(
         f"engine alone during W1: {w1['wall_s']:.2f} s; in steps {w1['in_step_s']:.2f} s (schedule "
         f"{w1['step_schedule_s']:.2f}, launch {w1['step_launch_s']:.2f}, GPU wait {w1['step_sample_s']:.2f}, outputs "
-        f"{w1['step_outputs_s']:.2f}); {w1['steps']} steps, {w1['step_steps_ahead']} launched ahead"
+        f"{w1['step_outputs_s']:.2f}); {w1['steps']} steps, {w1['step_steps_ahead']} launched ahead, "
+        f"{w1.get('step_steps_early', 0)} early"
     )
     return result
 
@@ -318,6 +319,7 @@ def engine_time(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "hand_over_s": loop["step"] - sum(phases.values()),
         "steps": d.get("codestream_worker_engine_steps_total", 0.0),
         "steps_ahead": d.get("codestream_worker_engine_steps_ahead_total", 0.0),
+        "steps_early": d.get("codestream_worker_engine_steps_early_total", 0.0),
     }
 
 
@@ -328,7 +330,7 @@ def log_engine_time(result: dict[str, Any]) -> None:
         f"worker during it: engine loop busy {t['busy_s']:.2f} s of {duration:.2f} s; in steps {t['in_steps_s']:.2f} s "
         f"(schedule {t['schedule_s']:.2f}, launch {t['launch_s']:.2f}, GPU wait {t['gpu_wait_s']:.2f}, outputs "
         f"{t['outputs_s']:.2f}), hand-over {t['hand_over_s']:.2f} s; between steps: {loop}; "
-        f"{t['steps']:.0f} steps, {t['steps_ahead']:.0f} launched ahead"
+        f"{t['steps']:.0f} steps, {t['steps_ahead']:.0f} launched ahead, {t['steps_early']:.0f} early"
     )
 
 

@@ -305,8 +305,10 @@ async def test_jobs_a_worker_runs_when_redis_restarts_empty_go_on_and_their_seco
             running: list[api.GenerateEvent] = []
 
             async def collect_running() -> list[api.GenerateEvent]:
-                # Long enough to still run when the worker's heartbeats reach the restarted Redis.
-                async for event in stub.GenerateStream(request(PROMPTS[0], 400), timeout=60):
+                # Long enough to still run when the worker's heartbeats reach the restarted Redis, and when the
+                # gateway's second delivery of the other job comes (decode steps launched ahead made 400 tokens
+                # too short for that on a fast machine).
+                async for event in stub.GenerateStream(request(PROMPTS[0], 1200), timeout=60):
                     running.append(event)
                 return running
 
@@ -318,7 +320,8 @@ async def test_jobs_a_worker_runs_when_redis_restarts_empty_go_on_and_their_seco
             server.requested_port = server.port
             server.start()
             results = await asyncio.wait_for(asyncio.gather(*calls), 60)
-        for events, n, want in zip(results, (400, 60), expected_tokens(demo_model_dir, PROMPTS[:2], 400), strict=True):
+        wants = expected_tokens(demo_model_dir, PROMPTS[:2], 1200)
+        for events, n, want in zip(results, (1200, 60), wants, strict=True):
             assert check_complete(events, n) == want[:n]
         counts = worker.worker.counts
         assert counts["lease_lost"] == 0 and counts["orphaned"] >= 1 and counts["duplicate_adopted"] == 1, counts

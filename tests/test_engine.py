@@ -355,9 +355,9 @@ def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model
 
 def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_step(demo_model_dir: Path) -> None:
     """A W1-like load in a small KV pool: more requests than fit, so most steps run while others wait. Decode
-    steps are launched ahead while the waiting ones cannot start (lookahead.py), and that changes neither
-    the tokens nor the step at which each waiting request starts (its first token comes out of the same
-    step() call as without lookahead)."""
+    steps are launched ahead while the waiting ones cannot start, the others before the previous step's outputs
+    are returned (lookahead.py), and that changes neither the tokens nor the step at which each waiting request
+    starts (its first token comes out of the same step() call as without lookahead)."""
     ids = [i for text in PROMPTS for i in make_engine(demo_model_dir).tokenizer.encode(text).ids]
     rng = random.Random(5)
     requests = []
@@ -383,11 +383,13 @@ def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_
             ahead_while_waiting += waiting and engine.step_timing.steps_ahead > ahead
             calls += 1
         assert engine.stats().num_free_blocks == 40
-        runs.append((tokens, first_call, ahead_while_waiting))
-    (plain, plain_first, none_ahead), (ahead, ahead_first, steps_ahead) = runs
+        runs.append((tokens, first_call, ahead_while_waiting, engine.step_timing.steps_early))
+    (plain, plain_first, none_ahead, none_early), (ahead, ahead_first, steps_ahead, steps_early) = runs
     assert ahead == plain and len(plain) == 14
     assert ahead_first == plain_first
     assert none_ahead == 0 and steps_ahead > 10, steps_ahead
+    # The steps that had to be read first went out before the previous one's outputs were returned.
+    assert none_early == 0 and steps_early > 5, steps_early
 
 
 def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read_first(demo_model_dir: Path) -> None:

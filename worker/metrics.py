@@ -79,6 +79,8 @@ def engine_time(worker: Worker) -> Iterator:
     yield CounterMetricFamily("codestream_worker_engine_steps", "engine steps read", value=timing.steps)
     ahead = "steps launched before the previous one was read"
     yield CounterMetricFamily("codestream_worker_engine_steps_ahead", ahead, value=timing.steps_ahead)
+    early = "steps launched before the previous one's outputs were returned"
+    yield CounterMetricFamily("codestream_worker_engine_steps_early", early, value=timing.steps_early)
     loop = CounterMetricFamily(
         "codestream_worker_loop_seconds", "engine loop turns that ran a step, by part", labels=["part"]
     )

@@ -70,6 +70,7 @@ class StepTiming:
     outputs_s: float = 0.0  # detokenization, stop checks, outputs
     batch_tokens: int = 0
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read (lookahead.py)
+    steps_early: int = 0  # steps launched before the previous step's outputs were returned (lookahead.py)
 
 
 @dataclass
@@ -206,9 +207,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run a step (or take the one launched ahead by the previous call) and return what it produced.
-        Before reading its tokens, the next decode step may be launched behind it (lookahead.py)."""
+        Before reading its tokens, the next decode step may be launched behind it (lookahead.py); while
+        requests wait for room, the next step goes out before this one's outputs are returned."""
         step, self._ahead = self._ahead, None
-        if step is not None and all(seq.is_finished for seq in step.sampled):
+        if step is not None and all(seq.is_finished for seq in step.batch.seqs):
             step = None  # every sequence of it was aborted meanwhile: nothing to read, schedule anew
         if step is None:
             step = self._launch()
@@ -216,7 +218,14 @@ class LLMEngine:
                 return []
         if self._lookahead and not self.forks:
             self._ahead = self._launch_following(step)
-        return self._read(step)
+        outputs = self._read(step)
+        if self._ahead is None and self._lookahead and self.scheduler.waiting and not self.forks:
+            # Saturated (lookahead.py, "launched before returning"): the next step is scheduled now, as the
+            # next call would, and computes while the caller handles these outputs.
+            self._ahead = self._launch()
+            if self._ahead is not None:
+                self._ahead.early = True
+        return outputs
 
     def _launch(self) -> LaunchedStep | None:
         """Schedule a step and put it on the GPU, sampling included; nothing waits for it."""
@@ -310,6 +319,7 @@ class LLMEngine:
         timing.outputs_s += time.perf_counter() - waited
         timing.batch_tokens += len(step.plan.input_ids)
         timing.steps_ahead += step.ahead
+        timing.steps_early += step.early
         return outputs
 
     def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range, list[int]]], logits: torch.Tensor) -> None:

@@ -26,6 +26,15 @@ start anyway. So a step is launched ahead while sequences wait unless one of the
 next step: a running sequence leaves with step n, or the first waiting one may fit in the free blocks
 (Scheduler.could_start_waiting, which errs towards yes). A sequence that ends by EOS or a stop string is
 seen only when step n is read; the one it makes room for starts a step later.
+
+Launched before returning. A step that must be read first (a sequence left, a prompt chunk goes on, a
+waiting request starts) leaves the GPU idle until the next one is launched. In the engine alone that is the
+host's own bookkeeping; in the worker it is also the loop's work between steps (turning outputs into events,
+publishing them, the hand-over to the engine thread and back: about 2.5 ms a step at W1 on the lent H100,
+benchmarks/serving.py's worker time). So while requests wait for room, step() schedules and launches the
+next step right after reading one, before returning its outputs. A request added or aborted between two
+calls is seen a step later, which under such a load changes nothing for it: it would queue behind those
+waiting (an aborted one computes a token too many, skipped as above).
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class LaunchedStep:
     tokens: PendingTokens
     prompt_spans: list = field(default_factory=list)  # (sequence, rows, targets) of prompt logprobs
     ahead: bool = False  # launched before the previous step's tokens were read
+    early: bool = False  # launched before the previous step's outputs were returned
     started: float = 0.0  # perf_counter marks, for StepTiming
     planned: float = 0.0
     launched: float = 0.0

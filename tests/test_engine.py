@@ -420,6 +420,42 @@ def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read
     assert ahead_after[6] - ahead_after[5] == 1, ahead_after
 
 
+def test_a_running_prompt_that_sat_a_step_out_is_not_left_behind_decode_steps_launched_ahead(
+    demo_model_dir: Path,
+) -> None:
+    """A prompt chunk can find no budget left in a step (older chunks took it) while the step is otherwise one
+    whose follower could go out ahead. Played here by taking "b"'s chunk out of one scheduled step: the next
+    step must be scheduled (with "b"), not decode steps launched ahead until "a" ends."""
+    engine = make_engine(demo_model_dir, num_blocks=64)
+    tok = engine.tokenizer
+    engine.add_request("a", tok.encode(PROMPTS[0]).ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    schedule = engine.scheduler.schedule
+    calls = 0
+
+    def schedule_without_b():  # the step after "b" arrives: its chunk finds no budget
+        nonlocal calls
+        batch = schedule()
+        calls += 1
+        if calls == 1:
+            keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id != "b"]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.num_scheduled_tokens = [batch.num_scheduled_tokens[i] for i in keep]
+        return batch
+
+    engine.scheduler.schedule = schedule_without_b
+    engine.add_request("b", tok.encode(PROMPTS[2]).ids, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    tokens: dict[str, list[int]] = {}
+    steps = 0
+    while "b" not in tokens and steps < 30:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        steps += 1
+    assert "b" in tokens and steps <= 4, (steps, {k: len(v) for k, v in tokens.items()})
+    assert len(tokens["a"]) < 20  # "a" still runs: "b" did not wait for it to end
+
+
 def test_a_step_launched_ahead_for_aborted_requests_does_not_delay_the_next_request(demo_model_dir: Path) -> None:
     engine = make_engine(demo_model_dir, num_blocks=64)
     ids = engine.tokenizer.encode(PROMPTS[0]).ids

@@ -265,6 +265,10 @@ class LLMEngine:
         rows = followers(step, self.block_manager, self.max_model_len)
         if not rows:
             return None
+        if sum(not seq.is_finished for seq in step.batch.seqs) != len(self.scheduler.running):
+            # A running sequence sat this step out (its prompt chunk found no budget left): the next step is
+            # scheduled, or it could wait behind decode steps launched ahead for as long as they go on.
+            return None
         if self.scheduler.waiting and (len(rows) < len(self.scheduler.running) or self.scheduler.could_start_waiting()):
             # A waiting request is scheduled next when it can start: when a sequence leaves with this step
             # (its blocks and slot free up), or when it may fit already.

@@ -16,9 +16,11 @@ prompt: every sequence of it then has a sampled token on the device, and step n+
 sequence whose prompt ended in step n has its in-flight token at position num_computed_tokens + its chunk.
 
 Steps read at once instead, as before: a prompt's step alone (an idle engine: its first token must not wait
-for the next step's launch), steps with a prompt chunk that does not end its prompt, steps with logprobs,
-penalties (they need the token history on the host) or forks, when a sequence reaches max_new_tokens or the
-model's length with step n, when free blocks are short (a guess never preempts), and under fault injection.
+for the next step's launch), steps with a prompt chunk that does not end its prompt, steps that a running
+sequence sat out (its chunk found no budget left: it would wait behind the steps launched ahead), steps
+with logprobs, penalties (they need the token history on the host) or forks, when a sequence reaches
+max_new_tokens or the model's length with step n, when free blocks are short (a guess never preempts), and
+under fault injection.
 
 Requests waiting for room do not stop it. Under a full load (W1: 256 prompts, a KV pool that holds about
 140 of them) requests wait for most of the run, and until one of the running sequences ends they cannot

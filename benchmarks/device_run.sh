@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -13,6 +13,7 @@ python3 -c "import torch, transformers, triton, google.protobuf as p, grpc; prin
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
+    setup) ;;
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 ;;
     engine-tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_engine.py 2>&1 | tail -25 ;;
     kernels) timeout 240 python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -14 ;;

@@ -8,7 +8,7 @@
 # host time per phase inside the steps).
 set -u
 R=${OUT:-/tmp}/engine-ab; BASE=${BASE:-ab-base}
-[ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+bash benchmarks/device_run.sh setup || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 pristine=$(mktemp -d) && cp -r worker "$pristine"/
 for r in $(seq 1 "${REPEATS:-2}"); do

@@ -22,7 +22,7 @@ done
 if [ "${NEW:-1}" = 1 ]; then
   OUT=$R/new SERVING_ARGS="${NEW_ARGS:---phases engine,w1,ttft,sweep} $SHAPE" bash benchmarks/device_run.sh serving
 else
-  [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  bash benchmarks/device_run.sh setup
 fi
 export NO_WHEELS=1  # (installed by the first step)
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/

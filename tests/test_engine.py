@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from worker.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
+from worker.engine.tokenizer import load_tokenizer
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -358,7 +359,7 @@ def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_
     steps are launched ahead while the waiting ones cannot start, the others before the previous step's outputs
     are returned (lookahead.py), and that changes neither the tokens nor the step at which each waiting request
     starts (its first token comes out of the same step() call as without lookahead)."""
-    ids = [i for text in PROMPTS for i in make_engine(demo_model_dir).tokenizer.encode(text).ids]
+    ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
     rng = random.Random(5)
     requests = []
     for n in range(14):
@@ -396,7 +397,7 @@ def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read
     """lookahead.py: a step that carries a whole short prompt next to decodes has a token on the device for every
     sequence, so the next decode step goes out before it is read; the step of a prompt alone (an idle engine)
     is read first, so that its first token waits for nothing. Tokens are those of steps read one by one."""
-    tok = make_engine(demo_model_dir).tokenizer
+    tok = load_tokenizer(demo_model_dir)
     runs = []
     for lookahead in (False, True):
         engine = make_engine(demo_model_dir, num_blocks=64, decode_lookahead=lookahead)

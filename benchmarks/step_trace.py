@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     closed_loop(engine, [list(p.token_ids) for p in warm], args.concurrency, 16)  # compiles, graph warm-up
     results = []
     for repeat in range(args.repeats):
-        for cap in caps:
+        for i, cap in enumerate(caps):
             engine.scheduler.max_prefill_tokens_while_decoding = cap
-            prompts = load_prompts(options, engine.vocab_size, count, seed=1000 + repeat)
+            # Fresh prompts every run: one run's prompts would hit the prefix cache in the next.
+            prompts = load_prompts(options, engine.vocab_size, count, seed=1000 + repeat * len(caps) + i)
             result = closed_loop(engine, [list(p.token_ids) for p in prompts], args.concurrency, options.output_len)
             result |= {"cap": cap, "repeat": repeat, "concurrency": args.concurrency}
             results.append(result)

@@ -78,6 +78,13 @@ for name in names:
             if "engine" in report:
                 alone = report["engine"]["w1"]["tokens_per_s"]
                 line += f" of engine alone {alone:,.1f} ({100 * w1 / alone:.1f} %)"
+        for c, result in service.get("sweep", {}).items():
+            m = result["summary"]
+            itl = m["itl_ms"]
+            line += (
+                f"\n         c={c:>3s}: {m['output_throughput']:,.1f} tok/s, {m['errors']} errors, TTFT median "
+                f"{m['ttft_ms']['median']:.1f} ms, ITL {itl['median']:.2f} / {itl['p99']:.2f} ms ({itl['p99'] / itl['median']:.2f})"
+            )
         print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.

@@ -103,10 +103,13 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, n
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     queue = list(enumerate(prompts))
     last_token: dict[str, float] = {}
+    added: dict[str, float] = {}
+    ttfts: list[float] = []
     gaps: list[tuple[float, int]] = []  # (gap ms, index of the step that ended it)
 
     def add_next() -> None:
         i, prompt = queue.pop(0)
+        added[f"c-{i}"] = time.perf_counter()
         engine.add_request(f"c-{i}", prompt, params)
 
     for _ in range(min(concurrency, len(queue))):
@@ -125,13 +128,15 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, n
             tokens += len(out.new_token_ids)
             if out.request_id in last_token:
                 gaps.append(((now - last_token[out.request_id]) * 1e3, index))
+            else:
+                ttfts.append(now - added[out.request_id])
             last_token[out.request_id] = now
             if out.finished and queue:
                 add_next()
     wall = time.perf_counter() - start
     del engine.runner.run, engine._read  # the class's own methods again
     tracer.finish()
-    return summarize(tracer.read, gaps, tokens, wall)
+    return summarize(tracer.read, gaps, tokens, wall) | {"ttft_ms": percentiles(ttfts)}
 
 
 def summarize(steps: list[StepRecord], gaps: list[tuple[float, int]], tokens: int, wall: float) -> dict[str, Any]:
@@ -209,7 +214,8 @@ def print_result(r: dict[str, Any]) -> None:
     print(
         f"c={r['concurrency']} cap={r['cap']} #{r['repeat']}: {r['tokens_per_s']:,.1f} tok/s, {r['steps']} steps, "
         f"GPU busy {r['gpu_busy']:.1%}; ITL median {itl['median']:.2f} p90 {itl['p90']:.2f} p99 {itl['p99']:.2f} ms "
-        f"(ratio {itl['p99'] / itl['median']:.2f}); gaps >= p99 ended by {r['tail_steps']}",
+        f"(ratio {itl['p99'] / itl['median']:.2f}); TTFT median {r['ttft_ms']['median']:.1f} p90 "
+        f"{r['ttft_ms']['p90']:.1f} ms; gaps >= p99 ended by {r['tail_steps']}",
         flush=True,
     )
     for key, k in r["kinds"].items():

@@ -421,6 +421,41 @@ def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read
     assert ahead_after[6] - ahead_after[5] == 1, ahead_after
 
 
+def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_before_returning(
+    demo_model_dir: Path,
+) -> None:
+    """lookahead.py, "launched before returning": while a prompt is prefilled in chunks next to a running stream,
+    each next chunk's step is launched before the previous step's outputs are returned (nothing waits for room),
+    so the stream's gap does not include the caller's turn. Tokens are those of steps read one by one."""
+    tok = load_tokenizer(demo_model_dir)
+    long_prompt = [i for text in PROMPTS for i in tok.encode(text).ids][:90]
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(
+            demo_model_dir, num_blocks=128, max_num_batched_tokens=24, max_num_seqs=8, decode_lookahead=lookahead
+        )
+        engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        first_call: dict[str, int] = {}
+        early_while_prefilling = 0
+        for call in range(40):
+            if call == 3:
+                engine.add_request("b", long_prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
+            early = engine.step_timing.steps_early
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                first_call.setdefault(out.request_id, call)
+            early_while_prefilling += "b" not in first_call and engine.step_timing.steps_early > early
+            assert not engine.scheduler.waiting or call == 3
+        runs.append((tokens, first_call, early_while_prefilling))
+    (plain, plain_first, none_early), (ahead, ahead_first, early) = runs
+    assert ahead == plain and len(plain["a"]) == 30 and len(plain["b"]) == 5
+    # One call later: the call that adds "b" reads the decode step launched before it came.
+    assert ahead_first == plain_first | {"b": plain_first["b"] + 1}
+    # "b"'s 90 tokens take four steps of at most 23 prompt tokens; the three after the first go out early.
+    assert none_early == 0 and early >= 3, early
+
+
 def test_a_running_prompt_that_sat_a_step_out_is_not_left_behind_decode_steps_launched_ahead(
     demo_model_dir: Path,
 ) -> None:

@@ -219,13 +219,17 @@ class LLMEngine:
         if self._lookahead and not self.forks:
             self._ahead = self._launch_following(step)
         outputs = self._read(step)
-        if self._ahead is None and self._lookahead and self.scheduler.waiting and not self.forks:
-            # Saturated (lookahead.py, "launched before returning"): the next step is scheduled now, as the
-            # next call would, and computes while the caller handles these outputs.
+        if self._ahead is None and self._lookahead and not self.forks and (self.scheduler.waiting or self._prefilling()):
+            # Saturated, or a prompt goes on in chunks (lookahead.py, "launched before returning"): the next step
+            # is scheduled now, as the next call would, and computes while the caller handles these outputs.
             self._ahead = self._launch()
             if self._ahead is not None:
                 self._ahead.early = True
         return outputs
+
+    def _prefilling(self) -> bool:
+        """A running sequence still has prompt tokens to compute: the next step carries its chunk."""
+        return any(seq.num_uncomputed_tokens > 1 for seq in self.scheduler.running)
 
     def _launch(self) -> LaunchedStep | None:
         """Schedule a step and put it on the GPU, sampling included; nothing waits for it."""

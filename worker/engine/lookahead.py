@@ -37,6 +37,10 @@ benchmarks/serving.py's worker time). So while requests wait for room, step() sc
 next step right after reading one, before returning its outputs. A request added or aborted between two
 calls is seen a step later, which under such a load changes nothing for it: it would queue behind those
 waiting (an aborted one computes a token too many, skipped as above).
+The same holds while a running prompt goes on in chunks: the next step carries its next chunk whatever
+arrives meanwhile, and every running stream waits for that longer step; without it, the stream also waited
+for the worker's turn (at 32 streams these gaps are the inter-token latency's tail,
+benchmarks/step_trace.py). A request that arrives then starts a step later.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ class WorkerConfig:
     max_num_seqs: int = setting(256, "most sequences in one engine step")
     max_num_batched_tokens: int = setting(2048, "token budget of one engine step (decode + prefill chunks)")
     max_prefill_tokens_while_decoding: int = setting(
-        384, "prefill tokens a step may carry while streams are decoding (bounds their ITL spikes); 0: no cap"
+        320, "prefill tokens a step may carry while streams are decoding (bounds their ITL spikes); 0: no cap"
     )
     max_model_len: int = setting(0, "context limit; 0: the model's")
     num_blocks: int = setting(0, "KV cache blocks; 0: sized from memory")

@@ -29,7 +29,7 @@ class EngineConfig:
     # Prefill tokens one step may carry while other sequences are decoding (0: the whole budget; see
     # scheduler.py). Every running stream waits for the whole step, so this bounds the inter-token latency
     # spike a new prompt causes, at some cost in throughput when everything arrives at once (W1). 0 here,
-    # for the engine alone; the worker (serving) defaults to 384.
+    # for the engine alone; the worker (serving) defaults to 320.
     max_prefill_tokens_while_decoding: int = 0
     # Prompt + generated tokens per sequence; None: the model's max_position_embeddings.
     max_model_len: int | None = None

@@ -15,6 +15,7 @@ every step is read before the next is scheduled and each kind of step can be rep
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 from collections import defaultdict
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, _ = build_vocab_tokenizer(model.config.vocab_size, "")
     r, c, p = args.decode_rows, args.context, args.chunk
     cases = [(r, c, 0), (r, c, p), (0, c, p), (r, 64, 0), (r, 64, p)]
-    base = {"max_num_seqs": 64, "num_blocks": 4096 if cuda else 512, "decode_lookahead": False,
+    base = {"max_num_seqs": 64, "num_blocks": 2048 if cuda else 512, "decode_lookahead": False,
             "max_prefill_tokens_while_decoding": 2048}  # fmt: skip
     for mode, settings in (("graphs", {}), ("eager", {"prefill_graph_max_tokens": 0, "cuda_graphs": False})):
         engine = LLMEngine(EngineConfig(model="(in memory)", **base, **settings), tokenizer=tokenizer, model=model)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for kernel, ms in list(result["kernel_ms"].items())[:6]:
                 print(f"      {ms:6.3f} ms  {kernel[:110]}", flush=True)
-        del engine
+        del engine  # its KV pool and graphs, before the next engine takes its own
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return 0

@@ -116,6 +116,49 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
         assert relative_error(out, ref) < TOLERANCE, persistent
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), SHAPES)
+def test_a_mixed_step_split_between_prefill_tiles_and_single_queries_matches_reference(
+    heads, kv_heads, head_dim, block_size
+):
+    """A mixed step as the backends run it (split_tiles): prompt chunks through prefill_attention, the sequences
+    with one new token (decodes, a prompt's last token after a cached prefix) through single_query_attention,
+    both into one output; one program per item, then fixed grids with spare entries past the counts (CUDA
+    graphs). Every row must be written, by exactly the right kernel."""
+    torch.manual_seed(heads + 100)
+    cases = [(77, 1), (0, 70), (block_size, 1), (40, 65), (3 * block_size - 1, 1), (0, 1), (5, block_size)]
+    context_lens = [c + n for c, n in cases]
+    query_lens = [n for _, n in cases]
+    k_cache, v_cache = random_cache(128, block_size, kv_heads, head_dim)
+    tables = random_block_tables(context_lens, block_size, 128)
+    q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
+    starts = [sum(query_lens[:i]) for i in range(len(cases))]
+    tile_seq, tile_row, singles = tp.split_tiles(query_lens, tp.prefill_block_m(DTYPE))
+    assert singles == [0, 2, 4, 5]
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+    scale = head_dim**-0.5
+    ref = reference(q, k_cache, v_cache, tables, context_lens, query_lens, scale)
+    per_seq = (i32(starts), i32(query_lens), i32(context_lens))
+    for persistent in (False, True):
+        out = torch.full_like(q, float("nan"))
+        if persistent:
+            tiles = {"num_tiles": i32([len(tile_seq)]), "programs": 2}
+            tp.prefill_attention(
+                q, k_cache, v_cache, tables, i32(tile_seq + [1] * 3), i32(tile_row + [0] * 3), *per_seq, scale,
+                out=out, **tiles,
+            )  # fmt: skip
+            tp.single_query_attention(
+                q, k_cache, v_cache, tables, i32(singles + [1] * 3), per_seq[0], per_seq[2], scale, out,
+                num_singles=i32([len(singles)]), programs=3,
+            )  # fmt: skip
+        else:
+            tp.prefill_attention(q, k_cache, v_cache, tables, i32(tile_seq), i32(tile_row), *per_seq, scale, out=out)
+            tp.single_query_attention(q, k_cache, v_cache, tables, i32(singles), per_seq[0], per_seq[2], scale, out)
+        assert relative_error(out, ref) < TOLERANCE, persistent
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 5])
 def test_write_kv_stores_each_token_in_its_slot(kv_heads):
     k_cache, v_cache = random_cache(8, 4, kv_heads, 16)

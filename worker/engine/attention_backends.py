@@ -1,9 +1,10 @@
 """Attention backends: turn a StepPlan into device metadata, then attend layer by layer.
 
 - TorchBackend: the plain torch path (CPU, tests), one SDPA call per sequence.
-- TritonBackend: the GPU path. Eager steps (prefill, mixed) use the varlen prefill kernel; pure decode
-  steps use the decode kernel through fixed-size static buffers, so that they can be captured as CUDA
-  graphs (see cuda_graphs.py).
+- TritonBackend: the GPU path. Eager steps (prefill, mixed) use the varlen prefill kernel for prompt chunks
+  and the single-query kernel for the sequences with one new token beside them; pure decode steps use the
+  decode kernel through fixed-size static buffers, so that they can be captured as CUDA graphs (see
+  cuda_graphs.py).
 
 A backend's `attend(layer, q, k, v, meta)` writes the new K/V into the layer's cache and returns the
 attention output for the new tokens.
@@ -59,9 +60,14 @@ class PrefillMetadata:
     query_starts: torch.Tensor
     query_lens: torch.Tensor
     context_lens: torch.Tensor
-    # A graphed step's: the real tile count on the device, and the fixed number of programs sharing the tiles.
+    # Sequences with one new token (decodes beside prompt chunks): single_query_attention's, not in the tiles.
+    singles: torch.Tensor | None = None
+    # A graphed step's: the real tile and single counts on the device, and the fixed numbers of programs
+    # sharing them out.
     num_tiles: torch.Tensor | None = None
     programs: int = 0
+    num_singles: torch.Tensor | None = None
+    single_programs: int = 0
 
 
 @dataclass
@@ -117,7 +123,7 @@ class TritonBackend:
         tables = torch.zeros(plan.num_seqs, width, dtype=torch.int32)
         write_block_tables(tables.numpy(), plan, block_size)
         block_m = self.prefill_ops.prefill_block_m(self.k_caches[0].dtype)
-        tile_seq, tile_row = self.prefill_ops.prefill_tiles(plan.query_lens, block_m)
+        tile_seq, tile_row, singles = self.prefill_ops.split_tiles(plan.query_lens, block_m)
         i32 = torch.int32
         return PrefillMetadata(
             slots=_device_tensor(plan.slots, torch.long, device),
@@ -127,6 +133,7 @@ class TritonBackend:
             query_starts=_device_tensor(plan.query_starts, i32, device),
             query_lens=_device_tensor(plan.query_lens, i32, device),
             context_lens=_device_tensor(plan.context_lens, i32, device),
+            singles=_device_tensor(singles, i32, device) if singles else None,
         )
 
     # -- decode steps (static buffers) --------------------------------------------------------------------
@@ -172,7 +179,16 @@ class TritonBackend:
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale, meta.num_splits,
                 self.workspace,
             )  # fmt: skip
-        return self.prefill_ops.prefill_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.tile_seq, meta.tile_row, meta.query_starts,
-            meta.query_lens, meta.context_lens, self.scale, num_tiles=meta.num_tiles, programs=meta.programs,
-        )  # fmt: skip
+        out = torch.empty_like(q)
+        if meta.num_tiles is not None or meta.tile_seq.numel():
+            self.prefill_ops.prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.tile_seq, meta.tile_row, meta.query_starts,
+                meta.query_lens, meta.context_lens, self.scale, out=out, num_tiles=meta.num_tiles,
+                programs=meta.programs,
+            )  # fmt: skip
+        if meta.singles is not None:
+            self.prefill_ops.single_query_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.singles, meta.query_starts, meta.context_lens,
+                self.scale, out, num_singles=meta.num_singles, programs=meta.single_programs,
+            )  # fmt: skip
+        return out

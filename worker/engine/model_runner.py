@@ -126,7 +126,7 @@ class ModelRunner:
 
         return PrefillGraphs(
             self._forward, max_tokens, self.config.max_num_seqs, self.block_size, self.max_blocks_per_seq,
-            prefill_block_m(self.dtype), TritonBackend.NULL_BLOCK * self.block_size, self.device,
+            prefill_block_m(self.dtype), TritonBackend.NULL_BLOCK * self.block_size, self.num_kv_heads, self.device,
         )  # fmt: skip
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:

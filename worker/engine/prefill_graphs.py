@@ -11,8 +11,9 @@ How: as for decode (cuda_graphs.py), inputs go through static buffers and the st
   most about 0.4 ms of wasted GPU time per step). Padding tokens sit at position 0, write their K/V into
   the null block and belong to no sequence, so no attention tile reads them; their rows compute garbage
   that nobody reads (rows never mix in a Llama layer outside attention).
-- Attention runs on a fixed grid whose programs share out however many tiles the step has (the prefill
-  kernel's persistent mode; the count is in device memory).
+- Attention runs on fixed grids whose programs share out however many prompt tiles and single-token
+  sequences (decodes beside the chunks) the step has (the kernels' persistent mode; the counts are in
+  device memory).
 - Logits are computed for min(size, max_seqs) rows, padded with row 0; the caller gets the real ones.
 Steps over the largest size, or with extra logits rows (prompt logprobs), run eagerly.
 """
@@ -28,8 +29,11 @@ from worker.engine.attention_backends import PrefillMetadata
 from worker.engine.cuda_graphs import Graphs, capture_ladder
 from worker.engine.step_inputs import CopyFence, StepPlan, write_block_tables
 
-# Programs per head beyond one per query tile of the padded size: room for the tiles of decode rows mixed in.
+# Programs per head beyond one per query tile of the padded size (tiles of prompts shorter than a tile).
 SPARE_PROGRAMS = 16
+# Most programs of the single-query kernel (one small program per (sequence, KV head) up to that): a graph
+# replays them whether or not the step has such sequences, and those without work return at once.
+MAX_SINGLE_PROGRAMS = 1024
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, PrefillMetadata, torch.Tensor], torch.Tensor]
 
@@ -51,13 +55,15 @@ class PrefillGraphs:
         max_blocks_per_seq: int,
         block_m: int,
         null_slot: int,
+        num_kv_heads: int,
         device: torch.device,
     ) -> None:
         """forward(ids, positions, metadata, sample rows) -> float32 logits of those rows. block_m: the
         attention kernel's query rows per tile (prefill_block_m). null_slot: a KV slot nobody reads."""
-        from worker.engine.triton_prefill import prefill_tiles  # Triton is imported only where it runs
+        from worker.engine.triton_prefill import split_tiles  # Triton is imported only where it runs
 
-        self._prefill_tiles = prefill_tiles
+        self._split_tiles = split_tiles
+        self.num_kv_heads = num_kv_heads
         self.forward = forward
         self.sizes = token_ladder(max_tokens)
         self.max_seqs = max_seqs
@@ -69,9 +75,10 @@ class PrefillGraphs:
         # Each sequence adds at most one partial tile.
         max_tiles = -(-tokens // block_m) + max_seqs
         # One copy per buffer and step: int64 [ids | positions | slots | sample rows]; int32 [query starts |
-        # query lens | context lens | tile count | tile seq | tile row]; block tables (the rows in use).
+        # query lens | context lens | tile count | tile seq | tile row | single count | singles]; block tables
+        # (the rows in use).
         self._long_sections = [tokens, tokens, tokens, max_seqs]
-        self._int_sections = [max_seqs, max_seqs, max_seqs, 1, max_tiles, max_tiles]
+        self._int_sections = [max_seqs, max_seqs, max_seqs, 1, max_tiles, max_tiles, 1, max_seqs]
         pin = device.type == "cuda"
         self.longs = torch.zeros(sum(self._long_sections), dtype=torch.long, device=device)
         self.ints = torch.zeros(sum(self._int_sections), dtype=torch.int32, device=device)
@@ -97,11 +104,14 @@ class PrefillGraphs:
 
     def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, PrefillMetadata, torch.Tensor]:
         ids, positions, slots, sample = _split(self.longs, self._long_sections)
-        starts, lens, context, num_tiles, tile_seq, tile_row = _split(self.ints, self._int_sections)
+        starts, lens, context, num_tiles, tile_seq, tile_row, num_singles, singles = _split(
+            self.ints, self._int_sections
+        )
         meta = PrefillMetadata(
             slots=slots[:size], block_tables=self.tables, tile_seq=tile_seq, tile_row=tile_row,
-            query_starts=starts, query_lens=lens, context_lens=context,
-            num_tiles=num_tiles, programs=-(-size // self.block_m) + SPARE_PROGRAMS,
+            query_starts=starts, query_lens=lens, context_lens=context, singles=singles,
+            num_tiles=num_tiles, programs=-(-size // self.block_m) + SPARE_PROGRAMS, num_singles=num_singles,
+            single_programs=min(min(size, self.max_seqs) * self.num_kv_heads, MAX_SINGLE_PROGRAMS),
         )  # fmt: skip
         # A step has at most one sampled row per sequence, and no more sequences than tokens.
         return ids[:size], positions[:size], meta, sample[: min(size, self.max_seqs)]
@@ -117,11 +127,14 @@ class PrefillGraphs:
         slots[:tokens], slots[tokens:size] = plan.slots, self.null_slot
         k = len(plan.sample_indices)
         sample[:k], sample[k:] = plan.sample_indices, 0
-        starts, lens, context, num_tiles, tile_seq, tile_row = _split(self.host_ints.numpy(), self._int_sections)
+        starts, lens, context, num_tiles, tile_seq, tile_row, num_singles, singles = _split(
+            self.host_ints.numpy(), self._int_sections
+        )
         starts[:n], lens[:n], context[:n] = plan.query_starts, plan.query_lens, plan.context_lens
-        real_seq, real_row = self._prefill_tiles(plan.query_lens, self.block_m)
-        m = len(real_seq)
+        real_seq, real_row, real_singles = self._split_tiles(plan.query_lens, self.block_m)
+        m, k = len(real_seq), len(real_singles)
         num_tiles[0], tile_seq[:m], tile_row[:m] = m, real_seq, real_row
+        num_singles[0], singles[:k] = k, real_singles
         write_block_tables(self.host_tables.numpy(), plan, self.block_size)
         self.longs.copy_(self.host_longs, non_blocking=True)
         self.ints.copy_(self.host_ints, non_blocking=True)

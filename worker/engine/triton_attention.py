@@ -131,17 +131,45 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(ContextLens + seq)
-
     # This program's share of the context, in whole tiles.
     num_tiles = tl.cdiv(context_len, TILE)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
-
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     head = kv_head * GROUP + g
-    q = tl.load(Q + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    acc, m_i, l_i = _attend_one_query(
+        Q + seq * stride_qt, KCache, VCache, BlockTables + seq * stride_bt, context_len, kv_head, tile_start, tile_end,
+        scale, stride_qh, stride_cb, stride_ct, stride_ch, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, PRECISION,
+    )  # fmt: skip
+    group_mask = (g < GROUP)[:, None]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(Out + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=group_mask)  # fmt: skip
+    else:
+        # Partials laid out [seq, head, split, ...]; an empty split leaves max -inf and sum 0.
+        row = (seq * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        tl.store(PartialAcc + row[:, None] * HEAD_DIM + d[None, :], acc, mask=group_mask)
+        tl.store(PartialMax + row, m_i, mask=g < GROUP)
+        tl.store(PartialSum + row, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _attend_one_query(
+    QRow, KCache, VCache, TableRow, context_len, kv_head, tile_start, tile_end,
+    scale, stride_qh, stride_cb, stride_ct, stride_ch,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One token's query heads of `kv_head` against its keys in tiles [tile_start, tile_end): the unnormalized
+    output, running max and sum (online softmax, log2 units). QRow / TableRow: the token's q row and its
+    sequence's block table row."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + g
+    q = tl.load(QRow + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(KCache.dtype.element_ty)  # exp2 below
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -151,7 +179,7 @@ def _decode_kernel(
     for tile in range(tile_start, tile_end):
         tokens = tile * TILE + offs
         valid = tokens < context_len
-        blocks = tl.load(BlockTables + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        blocks = tl.load(TableRow + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         kv_offsets = blocks * stride_cb + (tokens % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
         k = tl.load(KCache + kv_offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if GROUP_PAD == 1:
@@ -169,18 +197,7 @@ def _decode_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-
-    group_mask = (g < GROUP)[:, None]
-    if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(Out + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=group_mask)  # fmt: skip
-    else:
-        # Partials laid out [seq, head, split, ...]; an empty split leaves max -inf and sum 0.
-        row = (seq * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
-        tl.store(PartialAcc + row[:, None] * HEAD_DIM + d[None, :], acc, mask=group_mask)
-        tl.store(PartialMax + row, m_i, mask=g < GROUP)
-        tl.store(PartialSum + row, l_i, mask=g < GROUP)
+    return acc, m_i, l_i
 
 
 @triton.jit

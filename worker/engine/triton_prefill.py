@@ -1,9 +1,16 @@
 """Triton prefill attention over the paged KV cache (decode attention and the K/V store: triton_attention.py).
 
-prefill_attention: packed variable-length queries (prefill chunks, and decodes mixed into the same step)
-attending causally to their cached prefix and to themselves. Compute bound: tiles of queries x tiles of
-keys through tl.dot, online softmax (flash attention). One program per (query tile, head), or, for CUDA
-graphs, a fixed grid whose programs share out the tiles (persistent mode).
+prefill_attention: packed variable-length queries (prefill chunks) attending causally to their cached
+prefix and to themselves. Compute bound: tiles of queries x tiles of keys through tl.dot, online softmax
+(flash attention). One program per (query tile, head), or, for CUDA graphs, a fixed grid whose programs
+share out the tiles (persistent mode).
+
+single_query_attention: the sequences of a mixed step that bring one new token (the decodes beside a prompt
+chunk). In a prefill tile such a token fills one of BLOCK_M query rows, one program of 8 warps streams its
+whole context, and a few such programs fit an SM: at 25 decodes of 750 tokens beside a 384-token chunk the
+step's attention took 5.9 ms against 4.3 + 0.5 ms for the decode kernel and the chunk alone
+(benchmarks/mixed_step.py, H100). They take the decode kernel's loop instead: one small program per
+(token, KV head), or a fixed grid sharing them out for CUDA graphs.
 
 Cache layout as in triton_attention.py; lengths are read from device memory, so it can be captured in CUDA
 graphs.
@@ -15,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.triton_attention import dot_precision
+from worker.engine.triton_attention import DECODE_TILE, DECODE_WARPS, _attend_one_query, _group_pad, dot_precision
 
 
 @triton.jit
@@ -122,6 +129,95 @@ def _prefill_tile(
              out.to(Out.dtype.element_ty), mask=row_valid[:, None])  # fmt: skip
 
 
+@triton.jit
+def _single_query_kernel(
+    Q, KCache, VCache, BlockTables, Out,
+    Singles, QueryStarts, ContextLens, NumSingles,
+    scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_bt,
+    stride_ot, stride_oh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """One program per (single, KV head); PERSISTENT: a fixed grid whose programs take items pid, pid + grid,
+    ... of singles x KV heads, up to the count in NumSingles (device memory)."""
+    if PERSISTENT:
+        for item in range(tl.program_id(0), tl.load(NumSingles) * NUM_KV_HEADS, tl.num_programs(0)):
+            _single_query(
+                Q, KCache, VCache, BlockTables, Out, Singles, QueryStarts, ContextLens, scale,
+                stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+                item // NUM_KV_HEADS, item % NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, PRECISION,
+            )  # fmt: skip
+    else:
+        _single_query(
+            Q, KCache, VCache, BlockTables, Out, Singles, QueryStarts, ContextLens, scale,
+            stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+            tl.program_id(0), tl.program_id(1), GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _single_query(
+    Q, KCache, VCache, BlockTables, Out, Singles, QueryStarts, ContextLens, scale,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+    index, kv_head,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.load(Singles + index)
+    row = tl.load(QueryStarts + seq).to(tl.int64)
+    context_len = tl.load(ContextLens + seq)  # its one token sees the whole context, itself included
+    acc, _max, l_i = _attend_one_query(
+        Q + row * stride_qt, KCache, VCache, BlockTables + seq * stride_bt, context_len, kv_head, 0,
+        tl.cdiv(context_len, TILE), scale, stride_qh, stride_cb, stride_ct, stride_ch,
+        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, PRECISION,
+    )  # fmt: skip
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + g
+    out = acc / l_i[:, None]
+    tl.store(Out + row * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+             mask=(g < GROUP)[:, None])  # fmt: skip
+
+
+def single_query_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    singles: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_singles: torch.Tensor | None = None,
+    programs: int = 0,
+) -> torch.Tensor:
+    """Attention of the sequences listed in `singles` (int32 indices into the per-sequence tensors, as for
+    prefill_attention), each with one new token, written into their rows of `out`. One program per (sequence,
+    KV head), or with num_singles (int32 [1] on the device: how many entries of `singles` are real)
+    `programs` programs sharing them out (CUDA graphs)."""
+    _num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    persistent = num_singles is not None
+    _single_query_kernel[(programs,) if persistent else (singles.numel(), num_kv_heads)](
+        q, k_cache, v_cache, block_tables, out,
+        singles, query_starts, context_lens, num_singles if persistent else singles,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE=max(block_size, DECODE_TILE), PRECISION=dot_precision(q), PERSISTENT=persistent,
+        num_warps=DECODE_WARPS,
+    )  # fmt: skip
+    return out
+
+
 def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
     """Map each program to (sequence, first query row): one program per block_m new tokens of a sequence."""
     tile_seq, tile_row = [], []
@@ -130,6 +226,20 @@ def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[
             tile_seq.append(i)
             tile_row.append(row)
     return tile_seq, tile_row
+
+
+def split_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[int], list[int]]:
+    """A step's attention work: prefill tiles of the sequences with several new tokens, and the sequences with
+    one (for single_query_attention)."""
+    tile_seq, tile_row, singles = [], [], []
+    for i, n in enumerate(query_lens):
+        if n == 1:
+            singles.append(i)
+            continue
+        for row in range(0, n, block_m):
+            tile_seq.append(i)
+            tile_row.append(row)
+    return tile_seq, tile_row, singles
 
 
 PREFILL_BLOCK_M = 128

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_setup import build_model, build_vocab_tokenizer
 from benchmarks.step_trace import Tracer
-from worker.engine import EngineConfig, LLMEngine, SamplingParams
+from worker.engine import EngineConfig, LLMEngine, SamplingParams, prefill_graphs
 
 
 def scenario(engine: LLMEngine, rows: int, context: int, chunk: int, steps: int, profiled: bool) -> dict[str, Any]:
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--context", type=int, default=750)
     add("--chunk", type=int, default=384)
     add("--steps", type=int, default=12)
+    add("--spare", default="", help="graph modes with these SPARE_PROGRAMS values (prefill_graphs.py), e.g. 16,48")
+    add("--no-eager", action="store_true", help="skip the eager, profiled engine")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
@@ -102,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(r, c, 0), (r, c, p), (0, c, p), (r, 64, 0), (r, 64, p)]
     base = {"max_num_seqs": 64, "num_blocks": 2048 if cuda else 512, "decode_lookahead": False,
             "max_prefill_tokens_while_decoding": 2048}  # fmt: skip
-    for mode, settings in (("graphs", {}), ("eager", {"prefill_graph_max_tokens": 0, "cuda_graphs": False})):
+    modes: list[tuple[str, dict, int]] = [("graphs", {}, prefill_graphs.SPARE_PROGRAMS)]
+    if args.spare:
+        modes = [(f"graphs, {n} spare programs", {}, int(n)) for n in args.spare.split(",")]
+    if not args.no_eager:
+        modes.append(("eager", {"prefill_graph_max_tokens": 0, "cuda_graphs": False}, 0))
+    for mode, settings, spare in modes:
+        prefill_graphs.SPARE_PROGRAMS = spare  # read when the graphs are captured
         engine = LLMEngine(EngineConfig(model="(in memory)", **base, **settings), tokenizer=tokenizer, model=model)
         print(f"== {mode}", flush=True)
         for rows, context, chunk in cases:

@@ -172,6 +172,11 @@ def run_mix(engine: LLMEngine) -> dict[tuple[str, int], tuple]:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="compares logprobs to 3 decimals: on a GPU the two engines run bf16 with matrix products each picks by "
+    "timing at start-up; the GPU's check is test_captured_prefill_graphs_change_no_output_on_the_gpu (float32)",
+)
 def test_padded_prefills_change_no_output_of_any_kind_of_request(demo_model_dir: Path) -> None:
     """Forks, logprobs, penalties, seeded sampling and a late arrival (a mixed step) with and without the
     padded prefill path: the same tokens, texts, endings and logprobs."""

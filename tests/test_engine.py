@@ -456,6 +456,37 @@ def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_bef
     assert none_early == 0 and early >= 3, early
 
 
+def test_a_prompt_aborted_while_its_next_chunk_is_on_the_gpu_leaves_the_others_untouched(demo_model_dir: Path) -> None:
+    """A request aborted between two calls while its prompt is prefilled in chunks: its next chunk's step went
+    out before the previous call returned (lookahead.py). The abort ends it at once, the chunk in flight is
+    skipped when read, its blocks all come back, and the stream beside it gets the tokens of steps read one by
+    one."""
+    tok = load_tokenizer(demo_model_dir)
+    long_prompt = [i for text in PROMPTS for i in tok.encode(text).ids][:90]
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(
+            demo_model_dir, num_blocks=128, max_num_batched_tokens=24, max_num_seqs=8, decode_lookahead=lookahead
+        )
+        engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        reasons = {}
+        for call in range(40):
+            outputs = engine.abort_request("b") if call == 6 else []
+            if call == 3:
+                engine.add_request("b", long_prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
+            for out in outputs + engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                reasons[out.request_id] = out.finish_reason
+        assert engine.stats().num_free_blocks == 128 and not engine.has_unfinished()
+        runs.append((tokens, reasons, engine.step_timing.steps_early))
+    (plain, plain_reasons, _), (ahead, ahead_reasons, early) = runs
+    assert ahead["a"] == plain["a"] and len(plain["a"]) == 30
+    assert not plain.get("b") and not ahead.get("b")  # aborted before its prompt was done: no token
+    assert plain_reasons["b"] == ahead_reasons["b"] == FinishReason.ABORTED
+    assert early >= 2  # b's chunks went out early before the abort
+
+
 def test_a_running_prompt_that_sat_a_step_out_is_not_left_behind_decode_steps_launched_ahead(
     demo_model_dir: Path,
 ) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from worker.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
+from worker.engine import lookahead as ahead_steps
 from worker.engine.tokenizer import load_tokenizer
 
 PROMPTS = [
@@ -354,11 +355,19 @@ def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model
     }  # fmt: skip
 
 
-def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_step(demo_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "budget",
+    [{}, {"max_num_batched_tokens": 32, "max_prefill_tokens_while_decoding": 12}],
+    ids=["whole-prompts", "chunked-prompts"],
+)
+def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_step(
+    demo_model_dir: Path, budget: dict
+) -> None:
     """A W1-like load in a small KV pool: more requests than fit, so most steps run while others wait. Decode
-    steps are launched ahead while the waiting ones cannot start, the others before the previous step's outputs
-    are returned (lookahead.py), and that changes neither the tokens nor the step at which each waiting request
-    starts (its first token comes out of the same step() call as without lookahead)."""
+    steps (with the next prompt chunks) are launched ahead while the waiting ones cannot start, the others
+    before the previous step's outputs are returned (lookahead.py), and that changes neither the tokens nor the
+    step at which each waiting request starts (its first token comes out of the same step() call as without
+    lookahead). With a small step budget, prompts go in chunks beside the decodes, under the prefill cap."""
     ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
     rng = random.Random(5)
     requests = []
@@ -370,7 +379,9 @@ def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_
         requests.append((f"r{n}", ids[start : start + length], params))
     runs = []
     for lookahead in (False, True):
-        engine = make_engine(demo_model_dir, num_blocks=40, block_size=8, max_num_seqs=6, decode_lookahead=lookahead)
+        engine = make_engine(
+            demo_model_dir, num_blocks=40, block_size=8, max_num_seqs=6, decode_lookahead=lookahead, **budget
+        )
         for request_id, prompt, params in requests:
             engine.add_request(request_id, prompt, params)
         tokens: dict[str, list[int]] = {}
@@ -421,12 +432,13 @@ def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read
     assert ahead_after[6] - ahead_after[5] == 1, ahead_after
 
 
-def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_before_returning(
+def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_before_it_is_read(
     demo_model_dir: Path,
 ) -> None:
-    """lookahead.py, "launched before returning": while a prompt is prefilled in chunks next to a running stream,
-    each next chunk's step is launched before the previous step's outputs are returned (nothing waits for room),
-    so the stream's gap does not include the caller's turn. Tokens are those of steps read one by one."""
+    """lookahead.py: while a prompt is prefilled in chunks next to a running stream, the step with its next chunk
+    and the stream's decode is launched before the previous step's tokens are read (its decode input is the
+    id still on the device, the chunk's ids come from the host), so the GPU waits neither for the host nor for
+    the caller's turn. Tokens are those of steps read one by one."""
     tok = load_tokenizer(demo_model_dir)
     long_prompt = [i for text in PROMPTS for i in tok.encode(text).ids][:90]
     runs = []
@@ -437,28 +449,118 @@ def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_bef
         engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
         tokens: dict[str, list[int]] = {}
         first_call: dict[str, int] = {}
-        early_while_prefilling = 0
+        ahead_while_prefilling = 0
         for call in range(40):
             if call == 3:
                 engine.add_request("b", long_prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
-            early = engine.step_timing.steps_early
+            ahead = engine.step_timing.steps_ahead
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                 first_call.setdefault(out.request_id, call)
-            early_while_prefilling += "b" not in first_call and engine.step_timing.steps_early > early
-            assert not engine.scheduler.waiting or call == 3
-        runs.append((tokens, first_call, early_while_prefilling))
-    (plain, plain_first, none_early), (ahead, ahead_first, early) = runs
+            ahead_while_prefilling += "b" not in first_call and engine.step_timing.steps_ahead > ahead
+        runs.append((tokens, first_call, ahead_while_prefilling, engine.step_timing.steps_early))
+    (plain, plain_first, none_ahead, none_early), (ahead, ahead_first, ahead_count, _) = runs
     assert ahead == plain and len(plain["a"]) == 30 and len(plain["b"]) == 5
     # One call later: the call that adds "b" reads the decode step launched before it came.
     assert ahead_first == plain_first | {"b": plain_first["b"] + 1}
-    # "b"'s 90 tokens take four steps of at most 23 prompt tokens; the three after the first go out early.
-    assert none_early == 0 and early >= 3, early
+    # "b"'s 90 tokens take four steps of at most 23 prompt tokens; the three after the first go out ahead.
+    assert none_ahead == none_early == 0 and ahead_count >= 3, ahead_count
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_staggered_arrivals_in_chunks_give_the_tokens_of_steps_read_one_by_one(demo_model_dir: Path, seed: int) -> None:
+    """Requests arriving at random calls with prompts longer than a step's budget, so that most steps carry
+    prompt chunks beside decodes, greedy and seeded sampling, and an abort: with lookahead, steps with the next
+    chunks go out before the previous one is read (lookahead.py); every request's tokens, text and ending are
+    those of steps read one by one, and every block comes back."""
+    ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
+    rng = random.Random(seed)
+    arrivals = {}
+    for n in range(8):
+        start, length = rng.randrange(0, len(ids) - 100), rng.randint(30, 100)
+        params = SamplingParams(max_new_tokens=rng.randint(4, 24), ignore_eos=True)
+        if n % 2:
+            params = SamplingParams(temperature=0.9, seed=n, max_new_tokens=params.max_new_tokens, ignore_eos=True)
+        arrivals.setdefault(rng.randrange(0, 30), []).append((f"r{n}", ids[start : start + length], params))
+    abort_at = rng.randrange(5, 25)
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(
+            demo_model_dir, num_blocks=96, block_size=8, max_num_seqs=8, max_num_batched_tokens=24,
+            max_prefill_tokens_while_decoding=10, decode_lookahead=lookahead,
+        )  # fmt: skip
+        seen: dict[str, tuple] = {}
+        call = 0
+        while call < 30 or engine.has_unfinished():
+            for request in arrivals.get(call, []):
+                engine.add_request(*request)
+            outputs = engine.abort_request("r3") if call == abort_at else []
+            for out in outputs + engine.step():
+                got, text, _ = seen.get(out.request_id, ([], "", None))
+                seen[out.request_id] = (got + out.new_token_ids, text + out.text, out.finish_reason)
+            call += 1
+        assert engine.stats().num_free_blocks == 96
+        runs.append((seen, engine.step_timing.steps_ahead))
+    (plain, none_ahead), (ahead, steps_ahead) = runs
+    assert ahead == plain and len(plain) == 8
+    assert none_ahead == 0 and steps_ahead > 10, steps_ahead
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_step_planned_ahead_is_the_one_the_scheduler_gives_once_the_step_before_is_read(
+    demo_model_dir: Path, seed: int
+) -> None:
+    """lookahead.py's schedule_following works out, before a step is read, what Scheduler.schedule() will give once
+    it is: the same sequences, in the same order, with the same token counts (decodes, and prompt chunks under
+    the step budget and the prefill cap). Checked at every step of a run read one by one where nothing arrived
+    or left meanwhile and it applies (no request waiting)."""
+    ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
+    rng = random.Random(seed)
+    engine = make_engine(
+        demo_model_dir, num_blocks=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=40,
+        max_prefill_tokens_while_decoding=12, decode_lookahead=False,
+    )  # fmt: skip
+    read, schedule = engine._read, engine.scheduler.schedule
+    predicted: list = []
+    checked = 0
+
+    def predicting_read(step):
+        nonlocal predicted
+        rows = ahead_steps.followers(step, engine.max_model_len)
+        running = engine.scheduler.running
+        plan = None
+        if rows is not None and not engine.scheduler.waiting and len(step.batch.seqs) == len(running):
+            plan = ahead_steps.schedule_following(
+                step, rows, ahead_steps.prompt_chunks(step), engine.scheduler, engine.block_manager
+            )
+        predicted = [(s.key, k) for s, k in zip(plan[0], plan[2], strict=True)] if plan else []
+        return read(step)
+
+    def checked_schedule():
+        nonlocal checked
+        batch = schedule()
+        if predicted:
+            assert [(s.key, k) for s, k in zip(batch.seqs, batch.num_scheduled_tokens, strict=True)] == predicted
+            checked += 1
+        return batch
+
+    engine._read, engine.scheduler.schedule = predicting_read, checked_schedule
+    for call in range(200):
+        if call % 7 == 0 and call < 70:
+            start, length = rng.randrange(0, len(ids) - 100), rng.randint(10, 100)
+            engine.add_request(
+                f"r{call}", ids[start : start + length], SamplingParams(max_new_tokens=rng.randint(3, 30))
+            )
+            predicted = []  # a new arrival changes the schedule: no prediction stands for it
+        engine.step()
+        if not engine.has_unfinished() and call >= 70:
+            break
+    assert checked > 20, checked
 
 
 def test_a_prompt_aborted_while_its_next_chunk_is_on_the_gpu_leaves_the_others_untouched(demo_model_dir: Path) -> None:
     """A request aborted between two calls while its prompt is prefilled in chunks: its next chunk's step went
-    out before the previous call returned (lookahead.py). The abort ends it at once, the chunk in flight is
+    out before the previous one was read (lookahead.py). The abort ends it at once, the chunk in flight is
     skipped when read, its blocks all come back, and the stream beside it gets the tokens of steps read one by
     one."""
     tok = load_tokenizer(demo_model_dir)
@@ -479,12 +581,12 @@ def test_a_prompt_aborted_while_its_next_chunk_is_on_the_gpu_leaves_the_others_u
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                 reasons[out.request_id] = out.finish_reason
         assert engine.stats().num_free_blocks == 128 and not engine.has_unfinished()
-        runs.append((tokens, reasons, engine.step_timing.steps_early))
-    (plain, plain_reasons, _), (ahead, ahead_reasons, early) = runs
+        runs.append((tokens, reasons, engine.step_timing.steps_ahead))
+    (plain, plain_reasons, _), (ahead, ahead_reasons, ahead_count) = runs
     assert ahead["a"] == plain["a"] and len(plain["a"]) == 30
     assert not plain.get("b") and not ahead.get("b")  # aborted before its prompt was done: no token
     assert plain_reasons["b"] == ahead_reasons["b"] == FinishReason.ABORTED
-    assert early >= 2  # b's chunks went out early before the abort
+    assert ahead_count >= 2  # b's chunks went out ahead before the abort
 
 
 def test_a_running_prompt_that_sat_a_step_out_is_not_left_behind_decode_steps_launched_ahead(

@@ -23,7 +23,15 @@ from transformers import PreTrainedModel
 from worker.engine.block_manager import BlockManager
 from worker.engine.config import EngineConfig
 from worker.engine.detokenizer import IncrementalDetokenizer
-from worker.engine.lookahead import LaunchedStep, PendingTokens, followers, in_flight, plan_following
+from worker.engine.lookahead import (
+    LaunchedStep,
+    PendingTokens,
+    followers,
+    following_ids,
+    plan_following,
+    prompt_chunks,
+    schedule_following,
+)
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
 from worker.engine.sampling_params import SamplingParams
@@ -265,31 +273,36 @@ class LLMEngine:
         )  # fmt: skip
 
     def _launch_following(self, step: LaunchedStep) -> LaunchedStep | None:
-        """The decode step after `step`, launched before `step`'s tokens are read (lookahead.py)."""
+        """The step after `step`, launched before `step`'s tokens are read (lookahead.py): its decodes, and
+        the next chunks of the prompts it left unfinished."""
         started = time.perf_counter()
-        rows = followers(step, self.block_manager, self.max_model_len)
-        if not rows:
+        rows = followers(step, self.max_model_len)
+        if rows is None:
             return None
-        if sum(not seq.is_finished for seq in step.batch.seqs) != len(self.scheduler.running):
+        running = self.scheduler.running
+        if sum(not seq.is_finished for seq in step.batch.seqs) != len(running):
             # A running sequence sat this step out (its prompt chunk found no budget left): the next step is
             # scheduled, or it could wait behind decode steps launched ahead for as long as they go on.
             return None
-        if self.scheduler.waiting and (len(rows) < len(self.scheduler.running) or self.scheduler.could_start_waiting()):
+        chunks = prompt_chunks(step)
+        if self.scheduler.waiting and (len(rows) + len(chunks) < len(running) or self.scheduler.could_start_waiting()):
             # A waiting request is scheduled next when it can start: when a sequence leaves with this step
             # (its blocks and slot free up), or when it may fit already.
             return None
-        seqs = [step.sampled[row] for row in rows]
-        plan = plan_following(seqs, [in_flight(step, row) for row in rows], self.block_manager, self.config.block_size)
-        input_ids = step.tokens.device
-        if len(rows) < len(step.sampled):
-            input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]
+        following = schedule_following(step, rows, chunks, self.scheduler, self.block_manager)
+        if following is None:
+            return None
+        seqs, computing, scheduled, sources = following
+        plan = plan_following(seqs, computing, scheduled, self.block_manager, self.config.block_size)
+        input_ids = following_ids(step, plan, sources)
         planned = time.perf_counter()
         logits = self.runner.run(plan, input_ids=input_ids)
-        # One more token than each has generated so far: this step's own comes first.
-        tokens = self.sampler.choose(logits, [s.params for s in seqs], [s.num_generated_tokens + 1 for s in seqs])
-        batch = ScheduledBatch(seqs, [1] * len(seqs))
+        sampled = [seqs[i] for i in plan.sampled_seq_indices]
+        # A sequence whose token is in flight has generated one more than it counts: this step's own comes first.
+        generated = [seqs[i].num_generated_tokens + (sources[i] is not None) for i in plan.sampled_seq_indices]
+        tokens = self.sampler.choose(logits, [s.params for s in sampled], generated)
         return LaunchedStep(
-            batch, plan, seqs, logits, PendingTokens(tokens), ahead=True,
+            ScheduledBatch(seqs, scheduled), plan, sampled, logits, PendingTokens(tokens), ahead=True,
             started=started, planned=planned, launched=time.perf_counter(),
         )  # fmt: skip
 

@@ -1,26 +1,30 @@
-"""Decode steps launched one ahead: step n+1 goes to the GPU before step n's tokens are read.
+"""Steps launched one ahead: step n+1 goes to the GPU before step n's tokens are read.
 
 At batch 1 the GPU otherwise idles about 0.3 ms of every 5.3 ms step while the host reads the tokens,
 detokenizes, schedules and copies the next step's inputs (benchmarks/profile_decode.py, "launch gap").
-When step n is a pure decode step and nothing can change the batch but a sequence ending, step n+1 needs
-nothing from the host that step n produces: its input ids are step n's sampled ids, still on the device,
-and its positions, slots and blocks follow from the counts. So the engine launches it first and reads step
-n's tokens while it runs.
+When nothing can change the batch but a sequence ending, step n+1 needs nothing from the host that step n
+produces: the input of each decoding sequence is its token sampled in step n, still on the device, and its
+positions, slots and blocks follow from the counts. So the engine launches it first and reads step n's
+tokens while it runs.
 
 A sequence that step n ends (EOS, a stop string) or that is aborted meanwhile has computed one token too
 many: it is skipped when step n+1 is read. The KV slot it wrote is in blocks that are free by then; anything
 that reuses them runs after it on the same stream.
 
-A mixed step n (prompt chunks next to decodes) is followed the same way when each of its chunks ends its
-prompt: every sequence of it then has a sampled token on the device, and step n+1 decodes them all; a
-sequence whose prompt ended in step n has its in-flight token at position num_computed_tokens + its chunk.
+Mixed steps (prompt chunks next to decodes) are followed too. A sequence whose prompt ended in step n has
+its in-flight token at position num_computed_tokens + its chunk, and decodes in step n+1. A prompt whose
+chunk did not end it goes on with its next chunk, whose ids are on the host: step n+1 then takes its input
+ids from both (following_ids), and its chunks are what Scheduler.schedule() would give once step n is read,
+under the same step budget and prefill cap, in the same order (schedule_following; a test checks it against
+the scheduler at every step of a run). At 32 streams the steps that carry chunks are the inter-token
+latency's tail (benchmarks/step_trace.py); launched ahead, the GPU no longer idles before them.
 
-Steps read at once instead, as before: a prompt's step alone (an idle engine: its first token must not wait
-for the next step's launch), steps with a prompt chunk that does not end its prompt, steps that a running
-sequence sat out (its chunk found no budget left: it would wait behind the steps launched ahead), steps
-with logprobs, penalties (they need the token history on the host) or forks, when a sequence reaches
-max_new_tokens or the model's length with step n, when free blocks are short (a guess never preempts), and
-under fault injection.
+Steps read at once instead: prompts that all end in a step with no decode beside them (an idle engine:
+their first tokens must not wait for the next step's launch), steps that a running sequence sat out (its
+chunk found no budget left: it would wait behind the steps launched ahead), steps with logprobs, penalties
+(they need the token history on the host), prompt logprobs or forks, when a sequence reaches max_new_tokens
+or the model's length with step n, when a running sequence would find no budget in step n+1 or free blocks
+are short (a guess never preempts), and under fault injection.
 
 Requests waiting for room do not stop it. Under a full load (W1: 256 prompts, a KV pool that holds about
 140 of them) requests wait for most of the run, and until one of the running sequences ends they cannot
@@ -29,18 +33,14 @@ next step: a running sequence leaves with step n, or the first waiting one may f
 (Scheduler.could_start_waiting, which errs towards yes). A sequence that ends by EOS or a stop string is
 seen only when step n is read; the one it makes room for starts a step later.
 
-Launched before returning. A step that must be read first (a sequence left, a prompt chunk goes on, a
-waiting request starts) leaves the GPU idle until the next one is launched. In the engine alone that is the
-host's own bookkeeping; in the worker it is also the loop's work between steps (turning outputs into events,
-publishing them, the hand-over to the engine thread and back: about 2.5 ms a step at W1 on the lent H100,
-benchmarks/serving.py's worker time). So while requests wait for room, step() schedules and launches the
-next step right after reading one, before returning its outputs. A request added or aborted between two
-calls is seen a step later, which under such a load changes nothing for it: it would queue behind those
-waiting (an aborted one computes a token too many, skipped as above).
-The same holds while a running prompt goes on in chunks: the next step carries its next chunk whatever
-arrives meanwhile, and every running stream waits for that longer step; without it, the stream also waited
-for the worker's turn (at 32 streams these gaps are the inter-token latency's tail,
-benchmarks/step_trace.py). A request that arrives then starts a step later.
+Launched before returning. A step that must be read first (a sequence left, a waiting request starts)
+leaves the GPU idle until the next one is launched. In the engine alone that is the host's own bookkeeping;
+in the worker it is also the loop's work between steps (turning outputs into events, publishing them, the
+hand-over to the engine thread and back: about 2.5 ms a step at W1 on the lent H100, benchmarks/serving.py's
+worker time). So while requests wait for room, or a running prompt goes on in chunks, step() schedules and
+launches the next step right after reading one, before returning its outputs. A request added or aborted
+between two calls is seen a step later: under such a load it would queue behind those waiting, or behind
+the chunk's longer step (an aborted one computes a token too many, skipped as above).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.engine.block_manager import BlockManager
-from worker.engine.scheduler import ScheduledBatch
+from worker.engine.model_runner import _to_device
+from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import Sequence
 from worker.engine.step_inputs import StepPlan
 
@@ -94,31 +95,40 @@ class LaunchedStep:
     launched: float = 0.0
 
 
-def followers(step: LaunchedStep, block_manager: BlockManager, max_model_len: int) -> list[int]:
-    """The rows of `step` (indices into step.sampled) whose sequences the next decode step can run before
-    `step`'s tokens are read; [] if it cannot be launched ahead (see the module's docstring). The caller
-    has checked what is not per sequence."""
+def followers(step: LaunchedStep, max_model_len: int) -> list[int] | None:
+    """The rows of `step` (indices into step.sampled) whose sequences decode in the next step, launched before
+    `step`'s tokens are read; None if it cannot be launched ahead (see the module's docstring). The caller
+    has checked what is not per sequence, and plans the prompt chunks that go on (prompt_chunks)."""
     if step.prompt_spans:
-        return []
-    if not step.plan.is_decode and not (
-        # A mixed step whose prompt chunks all end their prompts: each of its sequences has a token on the
-        # device, so the next step decodes them all. A lone prompt's step (an idle engine) is read first: its
-        # first token would otherwise wait for the next step's launch.
-        len(step.sampled) == len(step.batch.seqs) and 1 in step.batch.num_scheduled_tokens
-    ):
-        return []
+        return None
+    partial = len(step.sampled) < len(step.batch.seqs)
+    if not step.plan.is_decode and not partial and 1 not in step.batch.num_scheduled_tokens:
+        # Prompts that all end here, with no decode beside them (an idle engine): read first, so that their
+        # first tokens do not wait for the next step's launch.
+        return None
+    for seq in step.batch.seqs:
+        p = seq.params
+        if not seq.is_finished and (p.logprobs >= 0 or p.has_penalties or seq.prompt_logprobs is not None):
+            return None
     rows = []
     for row, seq in enumerate(step.sampled):
         if seq.is_finished:  # aborted since `step` was launched (itself launched ahead)
             continue
-        p = seq.params
-        if p.logprobs >= 0 or p.has_penalties:
-            return []
         # After this step's token: generated + 1. A sequence whose length ends it with this step stays out.
-        if seq.num_generated_tokens + 1 < p.max_new_tokens and seq.num_tokens + 1 < max_model_len:
+        if seq.num_generated_tokens + 1 < seq.params.max_new_tokens and seq.num_tokens + 1 < max_model_len:
             rows.append(row)
-    needed = sum(block_manager.blocks_needed(step.sampled[row], in_flight(step, row) + 1) for row in rows)
-    return rows if needed <= block_manager.num_free_blocks else []
+    return rows
+
+
+def prompt_chunks(step: LaunchedStep) -> dict[str, int]:
+    """The sequences of `step` whose prompt chunk does not end their prompt (by key): the tokens they compute
+    in it. Their next chunk follows from the counts; its ids are on the host."""
+    sampled = {seq.key for seq in step.sampled}
+    return {
+        seq.key: n
+        for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True)
+        if seq.key not in sampled and not seq.is_finished
+    }
 
 
 def in_flight(step: LaunchedStep, row: int) -> int:
@@ -127,23 +137,86 @@ def in_flight(step: LaunchedStep, row: int) -> int:
 
 
 def plan_following(
-    seqs: list[Sequence], computing: list[int], block_manager: BlockManager, block_size: int
+    seqs: list[Sequence], computing: list[int], scheduled: list[int], block_manager: BlockManager, block_size: int
 ) -> StepPlan:
-    """The decode step after the one in flight, where each sequence computes `computing` tokens from its
-    num_computed_tokens: its token sampled there sits at the position after them, with a block for the
-    next one. Input ids are placeholders: the caller passes the in-flight step's sampled ids, on the device."""
+    """The step after the one in flight, where each sequence computes `computing` tokens from its
+    num_computed_tokens, then `scheduled` tokens here. A sequence whose token sampled in flight is its input
+    gets a placeholder id (the caller writes the in-flight step's sampled ids, on the device); a prompt's next
+    chunk takes its ids from the host. Sampled rows: those placeholders, and chunks that end their prompt."""
     plan = StepPlan([], [], [], [], [], [], [], [], [])
-    for i, (seq, n) in enumerate(zip(seqs, computing, strict=True)):
-        block_manager.allocate(seq, n + 1)  # the in-flight tokens have their slots; this adds the next one
-        position = seq.num_computed_tokens + n
+    for i, (seq, n, k) in enumerate(zip(seqs, computing, scheduled, strict=True)):
+        block_manager.allocate(seq, n + k)  # the in-flight tokens have their slots; this adds these
+        start = seq.num_computed_tokens + n
+        end = start + k
+        pending = start == seq.num_tokens  # its input is the token still in flight
         table = seq.block_table
-        plan.input_ids.append(0)
-        plan.positions.append(position)
-        plan.slots.append(table[position // block_size] * block_size + position % block_size)
-        plan.query_starts.append(i)
-        plan.query_lens.append(1)
-        plan.context_lens.append(position + 1)
+        plan.query_starts.append(len(plan.input_ids))
+        plan.query_lens.append(k)
+        plan.context_lens.append(end)
         plan.block_tables.append(table)
-        plan.sample_indices.append(i)
-        plan.sampled_seq_indices.append(i)
+        plan.input_ids.extend([0] if pending else seq.token_ids[start:end])
+        plan.positions.extend(range(start, end))
+        plan.slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if pending or end == seq.num_tokens:
+            plan.sample_indices.append(len(plan.input_ids) - 1)
+            plan.sampled_seq_indices.append(i)
     return plan
+
+
+def schedule_following(
+    step: LaunchedStep, rows: list[int], chunks: dict[str, int], scheduler: Scheduler, block_manager: BlockManager
+) -> tuple[list[Sequence], list[int], list[int], list[int | None]] | None:
+    """What schedule() would give the running sequences once `step` is read, worked out before: a decode for
+    each of `rows`, the next chunk of each unfinished prompt under the same budgets, in the same order.
+    Returns (sequences, tokens each computes in `step`, tokens each computes next, the row of `step` whose
+    sampled id is its input or None), or None where the schedule would differ: a running sequence left
+    without budget, or blocks short (a guess never preempts)."""
+    decoding = {step.sampled[row].key: row for row in rows}
+    in_step = {seq.key: n for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True)}
+    left = {
+        seq.key: seq.num_tokens - seq.num_computed_tokens - chunks[seq.key]
+        for seq in step.batch.seqs
+        if seq.key in chunks
+    }
+    budget = scheduler.max_num_batched_tokens
+    # schedule() counts the sequences with one token left as decoding, a prompt's last token included.
+    prefill_budget = scheduler._prefill_budget(len(decoding) + sum(n == 1 for n in left.values()))
+    seqs, computing, scheduled, sources = [], [], [], []
+    for seq in scheduler.running:
+        key = seq.key
+        if key not in decoding and key not in left:
+            continue  # it leaves with `step`
+        if budget <= 0:
+            return None
+        k = 1 if key in decoding else min(left[key], budget)
+        if k > 1:
+            k = min(k, prefill_budget)
+            if k == 0:
+                return None
+            prefill_budget -= k
+        budget -= k
+        seqs.append(seq)
+        computing.append(in_step[key])
+        scheduled.append(k)
+        sources.append(decoding.get(key))
+    if not seqs:
+        return None  # every sequence leaves with `step`
+    needed = sum(block_manager.blocks_needed(s, n + k) for s, n, k in zip(seqs, computing, scheduled, strict=True))
+    return (seqs, computing, scheduled, sources) if needed <= block_manager.num_free_blocks else None
+
+
+def following_ids(step: LaunchedStep, plan: StepPlan, sources: list[int | None]) -> torch.Tensor:
+    """The following step's input ids on the device: `step`'s sampled ids where they are the input, the
+    host's prompt ids elsewhere. Copies are queued, never waited for: `step` is still computing."""
+    device_ids = step.tokens.device
+    rows = [row for row in sources if row is not None]
+    if plan.is_decode and rows == list(range(len(step.sampled))):
+        return device_ids
+    device = device_ids.device
+    if plan.is_decode:
+        return device_ids[_to_device(rows, device)]
+    ids = _to_device(plan.input_ids, device)
+    if rows:
+        at = [plan.query_starts[i] for i, row in enumerate(sources) if row is not None]
+        ids[_to_device(at, device)] = device_ids[_to_device(rows, device)].to(ids.dtype)
+    return ids

@@ -201,11 +201,11 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Compute one step; return float32 logits [len(plan.sample_indices) + len(extra_rows), vocab]: the
         sampled rows in plan order, then `extra_rows` (rows of the packed batch, for prompt logprobs).
-        input_ids: the step's ids already on the device (a decode step launched ahead), else plan's."""
+        input_ids: the step's ids already on the device (a step launched ahead), else plan's."""
         if self.graphs is not None and plan.is_decode and not extra_rows and plan.num_seqs <= self.graphs.max_batch:
             return self.graphs.run(plan, input_ids)
         if self.prefill_graphs is not None and not plan.is_decode and not extra_rows and self.prefill_graphs.fits(plan):
-            return self.prefill_graphs.run(plan)
+            return self.prefill_graphs.run(plan, input_ids)
         if self.backend_name == "triton" and plan.is_decode:
             # Decode without graphs (CPU interpreter, or graphs disabled): same kernels, static buffers.
             self.backend.load_decode(plan, plan.num_seqs)

@@ -144,11 +144,14 @@ class PrefillGraphs:
     def capture(self) -> None:
         self.graphs = capture_ladder(self.sizes, lambda size: self.forward(*self._inputs(size)))
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The step's float32 logits [len(plan.sample_indices), vocab] (a view): the graph of the smallest
-        size that fits, or, before capture (CPU tests), the same padded step run eagerly."""
+        size that fits, or, before capture (CPU tests), the same padded step run eagerly. input_ids: the
+        step's ids already on the device (a step launched ahead), else plan's."""
         size = self.size_for(plan)
         self.load(plan, size)
+        if input_ids is not None:  # after load's copy, on the same stream
+            self.longs[: len(input_ids)].copy_(input_ids, non_blocking=True)
         if size in self.graphs:
             graph, logits = self.graphs[size]
             graph.replay()

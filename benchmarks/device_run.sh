@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger parity32-chunks prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -25,6 +25,7 @@ for step in $steps; do
     control) timeout 300 python3 -m benchmarks.parity --control --prompts 8 --new-tokens 24 --out "$OUT" 2>&1 | tail -5 ;;
     parity32) timeout 200 python3 -m benchmarks.parity --dtype float32 --out "$OUT" 2>&1 | tail -4 ;;
     parity32-stagger) timeout 200 python3 -m benchmarks.parity --dtype float32 --stagger --out "$OUT" 2>&1 | tail -4 ;;
+    parity32-chunks) timeout 200 python3 -m benchmarks.parity --dtype float32 --stagger --prefill-cap 48 --out "$OUT" 2>&1 | tail -4 ;;
     prefill-modes) timeout 300 python3 -m benchmarks.prefill_modes --out "$OUT" 2>&1 | tail -20 ;;
     prefill-profile) timeout 200 python3 -m benchmarks.profile_decode --prefill-only --out "$OUT" 2>&1 | tail -12 ;;
     engine-noprefillgraphs) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --workloads s1,t1 --engine prefill_graph_max_tokens=0 --out "$OUT" 2>&1 | tee "$OUT/engine-noprefillgraphs.log" | tail -20 ;;

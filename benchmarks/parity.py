@@ -39,6 +39,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--stagger", action="store_true", help="one new prompt per engine step instead of all at once")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--prefill-cap", type=int, default=0,
+        help="max_prefill_tokens_while_decoding (with --stagger: prompts in chunks beside the decodes)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
@@ -71,7 +75,9 @@ def main() -> None:
         gaps.append(gap)
     hf_s = time.perf_counter() - start
 
-    config = EngineConfig(model="(in memory)", dtype=args.dtype, device=args.device)
+    config = EngineConfig(
+        model="(in memory)", dtype=args.dtype, device=args.device, max_prefill_tokens_while_decoding=args.prefill_cap
+    )
     engine = LLMEngine(config, tokenizer=tokenizer, model=model)
     # All at once (big prefill steps), or one per step (--stagger: small mixed steps, the CUDA-graphed ones).
     arrivals = [[i] for i in range(len(prompts))] if args.stagger else [list(range(len(prompts)))]
@@ -102,9 +108,14 @@ def main() -> None:
         result["control_ours_identical_to_fp32"] = ours_vs_fp32
     for r in rows:
         print(json.dumps(r))
-    print(f"greedy parity ({args.dtype}): {identical}/{len(prompts)} sequences identical over {args.new_tokens} tokens")
+    timing = engine.step_timing
+    result |= {"steps": timing.steps, "steps_ahead": timing.steps_ahead, "prefill_cap": args.prefill_cap}
+    print(f"greedy parity ({args.dtype}): {identical}/{len(prompts)} sequences identical over {args.new_tokens} tokens "
+          f"({timing.steps} steps, {timing.steps_ahead} launched ahead)")  # fmt: skip
     if args.out:
-        with open(f"{args.out}/parity-{args.shape}-{args.dtype}{'-stagger' if args.stagger else ''}.json", "w") as f:
+        cap = f"-cap{args.prefill_cap}" if args.prefill_cap else ""
+        name = f"{args.dtype}{'-stagger' if args.stagger else ''}{cap}"
+        with open(f"{args.out}/parity-{args.shape}-{name}.json", "w") as f:
             json.dump(result, f, indent=1)
 
 

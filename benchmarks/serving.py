@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cpu_idle
+from codestream import gc_pauses
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
 from codestream.settings import env_name
@@ -253,10 +254,12 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
         pin(redis.process.pid, "redis")
         common = {"CODESTREAM_REDIS_URL": url, "CODESTREAM_MODEL": str(model_dir), "CODESTREAM_LOG_FORMAT": "json"}
         gateway_env = common | {"CODESTREAM_PORT": str(port), "CODESTREAM_HOST": "127.0.0.1"}
-        gateway_env |= {"CODESTREAM_METRICS_PORT": "0", "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}
+        gateway_metrics = free_port()  # (its GC pauses)
+        gateway_env |= {"CODESTREAM_METRICS_PORT": str(gateway_metrics), "CODESTREAM_MAX_NEW_TOKENS_LIMIT": "4096"}
         worker_env = common | {env_name(k): v for k, v in worker_settings(args).items()}
         metrics_port = free_port()  # the worker's own account of its engine's time (worker/metrics.py)
         worker_env[env_name("metrics_port")] = str(metrics_port)
+        gc_ports = {"gateway": gateway_metrics, "worker": metrics_port}
         gateway_cmd = [PYTHON, "-m", "codestream.cli", "gateway"]
         worker_cmd = [PYTHON, "-m", "codestream.cli", "worker"]
         with process("gateway", gateway_cmd, gateway_env, out), process("worker", worker_cmd, worker_env, out):
@@ -267,22 +270,22 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
             await bench(warm)
             results["ready_s"] = round(time.perf_counter() - started, 1)
             if "ttft" in args.phases:
-                results["ttft"] = await measure("ttft", replace(w["ttft"], target=target))
+                results["ttft"] = await measure("ttft", replace(w["ttft"], target=target), gc_ports)
                 # The same probe through the blocking client (codestream/bench.py's --client sync), whose own
                 # gRPC costs are lower: the difference is the asyncio client's. Prompts of their own (the
                 # first probe's are in the prefix cache now), of the same length.
                 sync = replace(w["ttft"], target=target, client="sync", seed=w["ttft"].seed + 1)
-                results["ttft_sync_client"] = await measure("ttft (sync client)", sync)
+                results["ttft_sync_client"] = await measure("ttft (sync client)", sync, gc_ports)
             if "w1" in args.phases:
                 before = scrape_engine_time(metrics_port)
-                results["w1"] = await measure("w1", replace(w["w1"], target=target))
+                results["w1"] = await measure("w1", replace(w["w1"], target=target), gc_ports)
                 results["w1"]["worker_engine_time"] = engine_time(before, scrape_engine_time(metrics_port))
                 log_engine_time(results["w1"])
             if "sweep" in args.phases:
                 results["sweep"] = {}
                 for c in args.sweep:
                     results["sweep"][str(c)] = await measure(
-                        f"sweep c={c}", replace(sweep_options(args, c), target=target)
+                        f"sweep c={c}", replace(sweep_options(args, c), target=target), gc_ports
                     )
     os.sched_setaffinity(0, everywhere)
     results["pinned"] = cpu_plan() if PIN else {}
@@ -334,14 +337,23 @@ def log_engine_time(result: dict[str, Any]) -> None:
     )
 
 
-async def measure(name: str, options: Options) -> dict[str, Any]:
+async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict[str, Any]:
+    """One bench run, with the garbage collectors' pauses during it: the gateway's and the worker's (their
+    metrics) and the load generator's own (a pause stops every stream at once: the latencies' tail)."""
     log(f"{name}: {options.num_prompts} requests, concurrency {options.concurrency or 'all'}")
+    urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in gc_ports.items()}
+    before = {n: gc_pauses.scrape(u) for n, u in urls.items()}
     result = await bench(options)
     s = result["summary"]
+    gc = {n: {k: v - before[n][k] for k, v in gc_pauses.scrape(u).items()} for n, u in urls.items()}
+    result["gc"] = gc | {"client": s["client_gc"]}
+    client = s["client_gc"]
+    pauses = [f"{n} {g['count']:.0f} ({g['total_s'] * 1e3:.1f} ms, {g['over_5ms']:.0f} > 5 ms)" for n, g in gc.items()]
+    pauses.append(f"client {client['count']} ({client['total_ms']:.1f} ms, longest {client['max_ms']:.1f} ms)")
     log(
         f"{name}: {s['completed']}/{s['requests']} ok, {s['errors']} errors, {s['output_throughput']:,.1f} tok/s, "
         f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
-        f"{s['itl_ms'].get('p99', 0):.2f} ms"
+        f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}"
     )
     return result
 

@@ -38,6 +38,7 @@ import grpc
 import grpc.experimental  # (not imported by `import grpc` alone: ChannelOptions)
 from tqdm import tqdm
 
+from codestream import gc_pauses
 from codestream.bench_report import Outcome, parse_slos, print_table, summarize
 from protos import api, api_grpc
 
@@ -137,10 +138,11 @@ async def bench(options: Options) -> dict[str, Any]:
         warmup = load_prompts(options, info.vocab_size, options.warmup, options.seed + 1) if options.warmup else []
         for i, prompt in enumerate(warmup):
             await one_request(stubs[0], build_request(options, prompt, i), options, metadata)
-        if options.client == "sync":
-            outcomes = await asyncio.to_thread(send_one_by_one, prompts, options, metadata)
-        else:
-            outcomes = await send_all(stubs, prompts, options, metadata, random.Random(options.seed))
+        with gc_pauses.PauseLog() as client_gc:  # the load generator's own stops show in its latencies
+            if options.client == "sync":
+                outcomes = await asyncio.to_thread(send_one_by_one, prompts, options, metadata)
+            else:
+                outcomes = await send_all(stubs, prompts, options, metadata, random.Random(options.seed))
     finally:
         for channel in channels:
             await channel.close()
@@ -149,7 +151,7 @@ async def bench(options: Options) -> dict[str, Any]:
         "model": {"model_id": info.model_id, "max_model_len": info.max_model_len, "vocab_size": info.vocab_size},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "client": {"python": platform.python_version(), "grpcio": grpc.__version__, "host": platform.node()},
-        "summary": summarize(outcomes, slos),
+        "summary": summarize(outcomes, slos) | {"client_gc": client_gc.summary()},
     }
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from codestream import gc_pauses
 from gateway.handlers import PerMethod, wrap_handler
 
 # Latency buckets from 1 ms to 10 min: first tokens and whole generations share them.
@@ -26,6 +27,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.gc_pauses = gc_pauses.track(r)
         self.requests = Counter(
             "codestream_gateway_requests", "RPCs by method and final status", ["method", "code"], registry=r
         )

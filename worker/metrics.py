@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from codestream import gc_pauses
+
 if TYPE_CHECKING:
     from worker.service import Worker
 
@@ -124,6 +126,7 @@ class WorkerMetrics:
     def __init__(self, worker: Worker) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(WorkerCollector(worker))
+        self.gc_pauses = gc_pauses.track(self.registry)
         self.step_seconds = Histogram(
             "codestream_worker_step_seconds", "engine step wall time", buckets=STEP_BUCKETS, registry=self.registry
         )

@@ -1,0 +1,414 @@
+"""The engine: add requests, step, read what each step produced. No I/O, no clocks but for timings.
+
+    engine = LLMEngine(EngineConfig(model="path/to/model"))
+    engine.add_request("r1", prompt_token_ids, SamplingParams(max_new_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.text, out.finished)
+
+One step = schedule (continuous batching) -> one forward pass over the packed batch -> sample every
+sequence that reached its end -> detokenize and check stop conditions -> free what finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedModel
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.config import EngineConfig
+from worker.engine.detokenizer import IncrementalDetokenizer
+from worker.engine.lookahead import LaunchedStep, PendingTokens, followers, in_flight, plan_following
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
+from worker.engine.sampling_params import SamplingParams
+from worker.engine.scheduler import ScheduledBatch, Scheduler
+from worker.engine.sequence import FinishReason, Sequence, SequenceStatus, sample_key
+from worker.engine.step_inputs import plan_step, prompt_logprob_spans
+from worker.engine.tokenizer import load_tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What one step (or an abort) produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str  # whole characters only; may be empty
+    finished: bool
+    index: int = 0  # the sample (sampling.n > 1)
+    finish_reason: FinishReason | None = None
+    # The stop string that ended the generation (STOP_SEQUENCE); "" otherwise, also when a stop token id
+    # ended it (reported as EOS: the protocol has no stop-token reason, and the token is not in the text).
+    stop_sequence: str = ""
+    # One entry per token of new_token_ids (params.logprobs >= 0), under the model's raw distribution.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # params.prompt_logprobs, in the request's first output only: entry i is prompt token i + 1's.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    # Wall-clock (time.time()) marks, for timing reports.
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
+class StepTiming:
+    """Cumulative host time per phase of step(): where a step's wall time goes."""
+
+    steps: int = 0
+    schedule_s: float = 0.0  # scheduling and laying out the step's inputs
+    launch_s: float = 0.0  # copying inputs and enqueuing the forward pass (or replaying its graph)
+    # Waiting for the GPU to finish the step (its sampling included) when its tokens are read. The phases
+    # add up to the time inside step(): a step launched ahead ran on while the host did other work.
+    sample_s: float = 0.0
+    outputs_s: float = 0.0  # detokenization, stop checks, outputs
+    batch_tokens: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read (lookahead.py)
+    steps_early: int = 0  # steps launched before the previous step's outputs were returned (lookahead.py)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+    prefix_cache_hit_rate: float  # prompt tokens whose prefill was skipped / prompt tokens scheduled
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, tokenizer: Tokenizer | None = None, model: PreTrainedModel | None = None
+    ) -> None:
+        self.config = config
+        self.runner = ModelRunner(config, model)
+        self.tokenizer = tokenizer or load_tokenizer(config.model)
+        self.eos_token_id: int | None = self.runner.hf_config.eos_token_id
+        if isinstance(self.eos_token_id, list):  # some configs list several; Llama has one
+            self.eos_token_id = self.eos_token_id[0]
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(self.runner.device, self.eos_token_id)
+        self.sequences: dict[str, Sequence] = {}  # by Sequence.key
+        self.forks: dict[str, int] = {}  # first sample's key -> samples it forks into after its prefill
+        self.step_timing = StepTiming()
+        self._ahead: LaunchedStep | None = None  # a decode step launched before the previous one was read
+        # Not under fault injection: its check reads a step's input ids on the host, which a step launched
+        # ahead does not have.
+        self._lookahead = config.decode_lookahead and config.fault_poison_token_id < 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generated_token_ids: list[int] | None = None,
+        sent_text: str = "",
+        n: int = 1,
+        index: int = 0,
+    ) -> None:
+        """Queue a request. Raises ValueError if it can never run (too long, bad token ids, duplicate id).
+
+        To continue a generation another engine started (its worker died), pass the tokens it had already
+        delivered and the text the client has received: they are prefilled with the prompt, count towards
+        max_new_tokens and sampling resumes at the next token index (same seed, same draws), and the text
+        continues where the client's stops.
+
+        n > 1 asks for n samples of the prompt: one sequence prefills it, and when its first token is sampled
+        it forks into n (see _fork), which share the prompt's KV blocks. `index` names one sample of such a
+        request when samples are added on their own (a continuation)."""
+        key = sample_key(request_id, index)
+        if key in self.sequences:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        if n < 1 or (n > 1 and (index or generated_token_ids)):
+            raise ValueError("n must be >= 1; samples of a continuation are added one index at a time")
+        if index:  # sample `index` of a request draws with its own seed, as when it was forked (see _fork)
+            params = dataclasses.replace(params, seed=sample_seed(params.seed, index), prompt_logprobs=False)
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if total > capacity:
+            raise ValueError(f"request needs {total} KV slots; the whole pool has {capacity}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_token_ids,
+            params.stop,
+            self.config.detokenizer_context_tokens,
+            include_stop=params.include_stop_sequence,
+        )
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, detok, index=index)
+        if params.prompt_logprobs and not generated_token_ids:  # a continuation's client already has them
+            seq.prompt_logprobs = []
+        if generated_token_ids:
+            if max(generated_token_ids) >= self.vocab_size or min(generated_token_ids) < 0:
+                raise ValueError(f"generated token ids must be in [0, {self.vocab_size})")
+            seq.token_ids.extend(generated_token_ids)
+            detok.replay(generated_token_ids, sent_text)
+        self.sequences[key] = seq
+        if n > 1:
+            self.forks[key] = n
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now (every sample of it) and free its blocks; returns the final output of each
+        sample still running (empty if none)."""
+        self.forks.pop(request_id, None)
+        outputs = []
+        for seq in [s for s in self.sequences.values() if s.request_id == request_id]:
+            del self.sequences[seq.key]
+            self.scheduler.finish(seq)
+            seq.finish_reason = FinishReason.ABORTED
+            outputs.append(self._output(seq, [], [], ""))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._ahead is not None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.block_manager.prefix_hit_rate,
+        )
+
+    # -- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run a step (or take the one launched ahead by the previous call) and return what it produced.
+        Before reading its tokens, the next decode step may be launched behind it (lookahead.py); while
+        requests wait for room, the next step goes out before this one's outputs are returned."""
+        step, self._ahead = self._ahead, None
+        if step is not None and all(seq.is_finished for seq in step.batch.seqs):
+            step = None  # every sequence of it was aborted meanwhile: nothing to read, schedule anew
+        if step is None:
+            step = self._launch()
+            if step is None:
+                return []
+        if self._lookahead and not self.forks:
+            self._ahead = self._launch_following(step)
+        outputs = self._read(step)
+        busy = self.scheduler.waiting or self._prefilling()
+        if self._ahead is None and self._lookahead and not self.forks and busy:
+            # Saturated, or a prompt goes on in chunks (lookahead.py, "launched before returning"): the next step
+            # is scheduled now, as the next call would, and computes while the caller handles these outputs.
+            self._ahead = self._launch()
+            if self._ahead is not None:
+                self._ahead.early = True
+        return outputs
+
+    def _prefilling(self) -> bool:
+        """A running sequence still has prompt tokens to compute: the next step carries its chunk."""
+        return any(seq.num_uncomputed_tokens > 1 for seq in self.scheduler.running)
+
+    def _launch(self) -> LaunchedStep | None:
+        """Schedule a step and put it on the GPU, sampling included; nothing waits for it."""
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return None
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        plan = plan_step(batch, self.config.block_size)
+        if self.config.fault_poison_token_id >= 0 and self.config.fault_poison_token_id in plan.input_ids:
+            raise RuntimeError("fault injection: poison token in the step's input")
+        prompt_spans = prompt_logprob_spans(batch, plan)
+        planned = time.perf_counter()
+        if prompt_spans:
+            # Logits of the sampled rows, then of these rows, in this order (see step_inputs.prompt_logprob_spans).
+            logits = self.runner.run(plan, [row for _, rows, _ in prompt_spans for row in rows])
+        else:
+            logits = self.runner.run(plan)
+        sampled = [batch.seqs[i] for i in plan.sampled_seq_indices]
+        tokens = self.sampler.choose(
+            logits[: len(sampled)],
+            [s.params for s in sampled],
+            [s.num_generated_tokens for s in sampled],
+            [s.token_ids for s in sampled],
+        )
+        return LaunchedStep(
+            batch, plan, sampled, logits, PendingTokens(tokens), prompt_spans,
+            started=started, planned=planned, launched=time.perf_counter(),
+        )  # fmt: skip
+
+    def _launch_following(self, step: LaunchedStep) -> LaunchedStep | None:
+        """The decode step after `step`, launched before `step`'s tokens are read (lookahead.py)."""
+        started = time.perf_counter()
+        rows = followers(step, self.block_manager, self.max_model_len)
+        if not rows:
+            return None
+        if sum(not seq.is_finished for seq in step.batch.seqs) != len(self.scheduler.running):
+            # A running sequence sat this step out (its prompt chunk found no budget left): the next step is
+            # scheduled, or it could wait behind decode steps launched ahead for as long as they go on.
+            return None
+        if self.scheduler.waiting and (len(rows) < len(self.scheduler.running) or self.scheduler.could_start_waiting()):
+            # A waiting request is scheduled next when it can start: when a sequence leaves with this step
+            # (its blocks and slot free up), or when it may fit already.
+            return None
+        seqs = [step.sampled[row] for row in rows]
+        plan = plan_following(seqs, [in_flight(step, row) for row in rows], self.block_manager, self.config.block_size)
+        input_ids = step.tokens.device
+        if len(rows) < len(step.sampled):
+            input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]
+        planned = time.perf_counter()
+        logits = self.runner.run(plan, input_ids=input_ids)
+        # One more token than each has generated so far: this step's own comes first.
+        tokens = self.sampler.choose(logits, [s.params for s in seqs], [s.num_generated_tokens + 1 for s in seqs])
+        batch = ScheduledBatch(seqs, [1] * len(seqs))
+        return LaunchedStep(
+            batch, plan, seqs, logits, PendingTokens(tokens), ahead=True,
+            started=started, planned=planned, launched=time.perf_counter(),
+        )  # fmt: skip
+
+    def _read(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a step's tokens, then advance its sequences: counts, cached blocks, stop checks, outputs.
+        A sequence that ended while a step launched ahead was running has computed a token too many: skipped."""
+        reading = time.perf_counter()
+        token_ids = step.tokens.read()
+        waited = time.perf_counter()
+        if step.ahead:  # (launched ahead only when no sequence wants logprobs)
+            logprobs = [None] * len(token_ids)
+        else:
+            logprobs = self.sampler.logprobs(step.logits, token_ids, [s.params for s in step.sampled])
+        if step.prompt_spans:
+            self._record_prompt_logprobs(step.prompt_spans, step.logits[len(step.sampled) :])
+        for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True):
+            if not seq.is_finished:
+                seq.num_computed_tokens += n
+                self.block_manager.register_full_blocks(seq)
+        now = time.time()
+        outputs = []
+        for row, (seq, token_id, lp) in enumerate(zip(step.sampled, token_ids, logprobs, strict=True)):
+            if seq.is_finished:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            n = self.forks.pop(seq.key, 1) if seq.num_generated_tokens == 0 else 1
+            if n > 1:
+                outputs.extend(self._fork(seq, n, step.logits[row]))
+            outputs.append(self._append_token(seq, token_id, lp))
+        timing = self.step_timing
+        timing.steps += 1
+        timing.schedule_s += step.planned - step.started
+        timing.launch_s += step.launched - step.planned
+        timing.sample_s += waited - reading  # waits for the GPU: the step's one host sync
+        timing.outputs_s += time.perf_counter() - waited
+        timing.batch_tokens += len(step.plan.input_ids)
+        timing.steps_ahead += step.ahead
+        timing.steps_early += step.early
+        return outputs
+
+    def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range, list[int]]], logits: torch.Tensor) -> None:
+        """Turn the extra rows' logits (in span order) into TokenLogprobs appended to each sequence's list."""
+        targets = [t for _, _, ids in spans for t in ids]
+        num_top = [max(seq.params.logprobs, 0) for seq, _, ids in spans for _ in ids]
+        entries = self.sampler.token_logprobs(logits, targets, num_top)
+        at = 0
+        for seq, _, ids in spans:
+            seq.prompt_logprobs.extend(entries[at : at + len(ids)])
+            at += len(ids)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq.token_ids.append(token_id)
+        params = seq.params
+        stop_sequence = ""
+        # EOS and stop token ids end the generation only after min_new_tokens (before, the sampler masks
+        # them; one that comes anyway, e.g. in a continuation's tokens, is an ordinary token).
+        may_end = seq.num_generated_tokens > params.min_new_tokens
+        if may_end and token_id in params.stop_token_ids:
+            seq.finish_reason = FinishReason.EOS  # not in the text, like EOS; stop_sequence stays ""
+        elif may_end and token_id == self.eos_token_id and not params.ignore_eos:
+            seq.finish_reason = FinishReason.EOS
+        else:
+            matched = seq.detokenizer.push(token_id)
+            if matched is not None:
+                seq.finish_reason, stop_sequence = FinishReason.STOP_SEQUENCE, matched
+            elif seq.num_generated_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.stop_sequence = stop_sequence
+            self.scheduler.finish(seq)
+            del self.sequences[seq.key]
+        out = self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
+        if seq.prompt_logprobs is not None:  # the request's first output
+            out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return out
+
+    def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[RequestOutput]:
+        """The first sample has just prefilled the prompt: make samples 1..n-1, sharing its KV blocks (the
+        partly filled last one copied), each drawing its first token from the same logits with its own seed."""
+        children = []
+        for index in range(1, n):
+            params = dataclasses.replace(
+                first.params, seed=sample_seed(first.params.seed, index), prompt_logprobs=False
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer, first.token_ids, params.stop, self.config.detokenizer_context_tokens,
+                include_stop=params.include_stop_sequence,
+            )  # fmt: skip
+            child = Sequence(
+                first.request_id, list(first.token_ids), first.num_prompt_tokens, params, detok, index=index
+            )
+            child.first_scheduled_time, child.first_token_time = first.first_scheduled_time, first.first_token_time
+            self.block_manager.fork(first, child, self.runner.copy_block)
+            self.scheduler.adopt(child)
+            self.sequences[child.key] = child
+            children.append(child)
+        result = self.sampler(
+            logits.unsqueeze(0).expand(len(children), -1), [c.params for c in children], [0] * len(children),
+            [c.token_ids for c in children],
+        )  # fmt: skip
+        return [
+            self._append_token(child, token_id, logprobs)
+            for child, token_id, logprobs in zip(children, result.token_ids, result.logprobs, strict=True)
+        ]
+
+    @staticmethod
+    def _output(seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprobs], text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_token_ids=token_ids,
+            text=text,
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            stop_sequence=seq.stop_sequence,
+            logprobs=logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=seq.num_generated_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+        )

@@ -432,6 +432,17 @@ def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read
     assert ahead_after[6] - ahead_after[5] == 1, ahead_after
 
 
+def engine_beside_a_chunked_prompt(model_dir: Path, lookahead: bool) -> tuple[LLMEngine, list[int]]:
+    """An engine whose steps take 24 tokens, with stream "a" started, and a 90-token prompt to add: it goes in
+    chunks of at most 23 beside "a"'s decodes."""
+    engine = make_engine(
+        model_dir, num_blocks=128, max_num_batched_tokens=24, max_num_seqs=8, decode_lookahead=lookahead
+    )
+    tok = engine.tokenizer
+    engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    return engine, [i for text in PROMPTS for i in tok.encode(text).ids][:90]
+
+
 def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_before_it_is_read(
     demo_model_dir: Path,
 ) -> None:
@@ -439,14 +450,9 @@ def test_the_step_after_a_prompt_chunk_that_does_not_end_its_prompt_goes_out_bef
     and the stream's decode is launched before the previous step's tokens are read (its decode input is the
     id still on the device, the chunk's ids come from the host), so the GPU waits neither for the host nor for
     the caller's turn. Tokens are those of steps read one by one."""
-    tok = load_tokenizer(demo_model_dir)
-    long_prompt = [i for text in PROMPTS for i in tok.encode(text).ids][:90]
     runs = []
     for lookahead in (False, True):
-        engine = make_engine(
-            demo_model_dir, num_blocks=128, max_num_batched_tokens=24, max_num_seqs=8, decode_lookahead=lookahead
-        )
-        engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        engine, long_prompt = engine_beside_a_chunked_prompt(demo_model_dir, lookahead)
         tokens: dict[str, list[int]] = {}
         first_call: dict[str, int] = {}
         ahead_while_prefilling = 0
@@ -563,14 +569,9 @@ def test_a_prompt_aborted_while_its_next_chunk_is_on_the_gpu_leaves_the_others_u
     out before the previous one was read (lookahead.py). The abort ends it at once, the chunk in flight is
     skipped when read, its blocks all come back, and the stream beside it gets the tokens of steps read one by
     one."""
-    tok = load_tokenizer(demo_model_dir)
-    long_prompt = [i for text in PROMPTS for i in tok.encode(text).ids][:90]
     runs = []
     for lookahead in (False, True):
-        engine = make_engine(
-            demo_model_dir, num_blocks=128, max_num_batched_tokens=24, max_num_seqs=8, decode_lookahead=lookahead
-        )
-        engine.add_request("a", tok.encode(PROMPTS[0]).ids[:12], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        engine, long_prompt = engine_beside_a_chunked_prompt(demo_model_dir, lookahead)
         tokens: dict[str, list[int]] = {}
         reasons = {}
         for call in range(40):

@@ -165,15 +165,50 @@ def report(logs: list[Path], skip: int = 3) -> None:
               f" ({len(matched)} requests)")  # fmt: skip
 
 
+# Hops every token passes, in order (the others are a request's first token's only).
+TOKEN_HOPS = ["w_step_back", "w_emit_call", "w_emit_done", "g_dispatch", "g_yield"]
+
+
+def tails(logs: list[Path], client_itl: tuple[float, float] | None = None) -> None:
+    """Where the gaps between a stream's tokens grow (a sweep run with CODESTREAM_HOPS=1): for each hop every
+    token passes, the gaps between consecutive tokens of a stream there, their median, p99 and the ratio. The
+    hop where the ratio first jumps is where the tail comes from; `client_itl` (median, p99 ms, from the
+    bench's summary) is the last hop's."""
+    times: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for path in logs:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("HOP "):
+                _, request_id, name, at = line.split()
+                times[request_id][name.partition("@")[0]].append(float(at))
+    print(f"{len(times)} requests; gaps between a stream's consecutive tokens at each hop:")
+    for name in TOKEN_HOPS:
+        gaps = sorted((b - a) * 1000 for hops in times.values() for a, b in itertools.pairwise(hops.get(name, [])))
+        if len(gaps) < 100:
+            print(f"{name:>12}: {len(gaps)} gaps, too few")
+            continue
+        median, p99 = statistics.median(gaps), gaps[int(0.99 * (len(gaps) - 1))]
+        long = sum(g > 1.8 * median for g in gaps)
+        print(f"{name:>12}: {len(gaps):6d} gaps, median {median:6.2f} ms, p99 {p99:6.2f} ms ({p99 / median:.2f}), "
+              f"{long} over 1.8x the median")  # fmt: skip
+    if client_itl:
+        print(f"{'client':>12}: ITL median {client_itl[0]:6.2f} ms, p99 {client_itl[1]:6.2f} ms "
+              f"({client_itl[1] / client_itl[0]:.2f})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("instrument").add_argument("dest", type=Path)
     rep = sub.add_parser("report")
     rep.add_argument("logs", type=Path, nargs="+")
+    tail = sub.add_parser("tails", help="per-token gaps at each hop (a sweep run with CODESTREAM_HOPS=1)")
+    tail.add_argument("logs", type=Path, nargs="+")
+    tail.add_argument("--client-itl", type=float, nargs=2, metavar=("MEDIAN", "P99"))
     args = parser.parse_args(argv)
     if args.command == "instrument":
         instrument(args.dest)
+    elif args.command == "tails":
+        tails(args.logs, tuple(args.client_itl) if args.client_itl else None)
     else:
         report(args.logs)
     return 0

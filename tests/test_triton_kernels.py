@@ -61,6 +61,18 @@ def reference(q, k_cache, v_cache, tables, context_lens, query_lens, scale) -> t
     return out
 
 
+def packed_step(cases: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int):
+    """A step's packed inputs for (cached tokens, new tokens) per sequence: context and query lengths, where
+    each sequence's queries start, random q, a random paged cache and shuffled block tables."""
+    context_lens = [c + n for c, n in cases]
+    query_lens = [n for _, n in cases]
+    k_cache, v_cache = random_cache(128, block_size, kv_heads, head_dim)
+    tables = random_block_tables(context_lens, block_size, 128)
+    q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
+    starts = [sum(query_lens[:i]) for i in range(len(cases))]
+    return context_lens, query_lens, starts, q, k_cache, v_cache, tables
+
+
 SHAPES = [  # (heads, kv_heads, head_dim, block_size)
     (4, 4, 32, 16),  # MHA, like Code Llama 7B
     (8, 2, 32, 16),  # GQA, like the 34B
@@ -90,12 +102,9 @@ def test_prefill_attention_matches_reference(heads, kv_heads, head_dim, block_si
     # (cached tokens, new tokens): fresh prompts, chunks after a cached prefix, single decode tokens,
     # and lengths on and around block and tile boundaries.
     cases = [(0, 1), (0, 70), (block_size, 1), (5, block_size), (40, 65), (0, 2 * block_size + 1)]
-    context_lens = [c + n for c, n in cases]
-    query_lens = [n for _, n in cases]
-    k_cache, v_cache = random_cache(128, block_size, kv_heads, head_dim)
-    tables = random_block_tables(context_lens, block_size, 128)
-    q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
-    starts = [sum(query_lens[:i]) for i in range(len(cases))]
+    context_lens, query_lens, starts, q, k_cache, v_cache, tables = packed_step(
+        cases, heads, kv_heads, head_dim, block_size
+    )
     tile_seq, tile_row = tp.prefill_tiles(query_lens, tp.prefill_block_m(DTYPE))
 
     def i32(values):
@@ -126,12 +135,9 @@ def test_a_mixed_step_split_between_prefill_tiles_and_single_queries_matches_ref
     graphs). Every row must be written, by exactly the right kernel."""
     torch.manual_seed(heads + 100)
     cases = [(77, 1), (0, 70), (block_size, 1), (40, 65), (3 * block_size - 1, 1), (0, 1), (5, block_size)]
-    context_lens = [c + n for c, n in cases]
-    query_lens = [n for _, n in cases]
-    k_cache, v_cache = random_cache(128, block_size, kv_heads, head_dim)
-    tables = random_block_tables(context_lens, block_size, 128)
-    q = torch.randn(sum(query_lens), heads, head_dim, dtype=DTYPE, device=DEVICE)
-    starts = [sum(query_lens[:i]) for i in range(len(cases))]
+    context_lens, query_lens, starts, q, k_cache, v_cache, tables = packed_step(
+        cases, heads, kv_heads, head_dim, block_size
+    )
     tile_seq, tile_row, singles = tp.split_tiles(query_lens, tp.prefill_block_m(DTYPE))
     assert singles == [0, 2, 4, 5]
 

@@ -227,8 +227,12 @@ class LLMEngine:
         if self._lookahead and not self.forks:
             self._ahead = self._launch_following(step)
         outputs = self._read(step)
-        busy = self.scheduler.waiting or self._prefilling()
-        if self._ahead is None and self._lookahead and not self.forks and busy:
+        if (
+            self._ahead is None
+            and self._lookahead
+            and not self.forks
+            and (self.scheduler.waiting or self._prefilling())
+        ):
             # Saturated, or a prompt goes on in chunks (lookahead.py, "launched before returning"): the next step
             # is scheduled now, as the next call would, and computes while the caller handles these outputs.
             self._ahead = self._launch()

@@ -131,11 +131,6 @@ def prompt_chunks(step: LaunchedStep) -> dict[str, int]:
     }
 
 
-def in_flight(step: LaunchedStep, row: int) -> int:
-    """Tokens the sequence of `row` computes in `step` (1 for a decode; its chunk for a prompt's last)."""
-    return step.batch.num_scheduled_tokens[step.plan.sampled_seq_indices[row]]
-
-
 def plan_following(
     seqs: list[Sequence], computing: list[int], scheduled: list[int], block_manager: BlockManager, block_size: int
 ) -> StepPlan:

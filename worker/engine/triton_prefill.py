@@ -231,15 +231,8 @@ def prefill_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[
 def split_tiles(query_lens: list[int], block_m: int) -> tuple[list[int], list[int], list[int]]:
     """A step's attention work: prefill tiles of the sequences with several new tokens, and the sequences with
     one (for single_query_attention)."""
-    tile_seq, tile_row, singles = [], [], []
-    for i, n in enumerate(query_lens):
-        if n == 1:
-            singles.append(i)
-            continue
-        for row in range(0, n, block_m):
-            tile_seq.append(i)
-            tile_row.append(row)
-    return tile_seq, tile_row, singles
+    tile_seq, tile_row = prefill_tiles([0 if n == 1 else n for n in query_lens], block_m)
+    return tile_seq, tile_row, [i for i, n in enumerate(query_lens) if n == 1]
 
 
 PREFILL_BLOCK_M = 128

@@ -7,7 +7,8 @@
 # ALT_ENV="NAME=value ...[;NAME=value ...]": more probes of this checkout, one per variant (environment)
 # in each repeat, interleaved with the repeats (alt<variant>r<repeat>), as are the baseline's probes
 # (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
-# REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs;
+# REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs,
+# SWEEP: its sweep's concurrencies (a variant may set either: ALT_ENV="REP_PHASES=w1,sweep");
 # HOPS=0: no instrumented probe; NEW=0: no first full run (new/), the repeats only.
 # Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
@@ -28,13 +29,14 @@ export NO_WHEELS=1  # (installed by the first step)
 pristine=$(mktemp -d) && cp -r gateway worker codestream "$pristine"/
 restore() { rm -rf gateway worker codestream && cp -r "$pristine"/* .; }
 for r in $(seq 1 "${REPEATS:-2}"); do
-  OUT=$R/rep$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  OUT=$R/rep$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} ${SWEEP:+--sweep $SWEEP} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
   for i in "${!ALTS[@]}"; do
-    env ${ALTS[$i]} OUT=$R/alt$((i + 1))r$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+    # (a subshell: a variant may set REP_PHASES or SWEEP too)
+    (export ${ALTS[$i]}; OUT=$R/alt$((i + 1))r$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} ${SWEEP:+--sweep $SWEEP} $SHAPE" bash benchmarks/device_run.sh serving | tail -3)
   done
   if [ -d "$BASE" ]; then
     cp -r "$BASE"/* .
-    env ${BASE_ENV:-} OUT=$R/base$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+    env ${BASE_ENV:-} OUT=$R/base$r SERVING_ARGS="--phases ${REP_PHASES:-ttft} ${SWEEP:+--sweep $SWEEP} $SHAPE" bash benchmarks/device_run.sh serving | tail -3
     restore
   fi
 done

@@ -20,6 +20,7 @@ loudly. benchmarks/serving_ab.sh runs this on the GPU machine next to the uninst
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import itertools
 import statistics
@@ -101,6 +102,15 @@ EDITS = [
      f"        {IMPORT}\n        for e in emissions:\n            _hops.hop(e.request_id, 'w_emit_call')\n"
      "        fenced = await self._emit(keys=keys, args=args)\n"
      "        for e in emissions:\n            _hops.hop(e.request_id, 'w_emit_done')\n"),
+    # Per engine step (a pseudo request "steps"): the step's call returned, on the engine thread or the loop.
+    ("worker/service.py",
+     "            return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)\n",
+     f"            {IMPORT}\n\n            def timed():\n                result = fn()\n"
+     "                _hops.hop('steps', 'w_step_done')\n                return result\n\n"
+     "            return await asyncio.get_running_loop().run_in_executor(self._engine_thread, timed)\n"),
+    ("worker/service.py", "                        outputs = self.engine.step()\n",
+     f"                        outputs = self.engine.step()\n                        {IMPORT}\n"
+     "                        _hops.hop('steps', 'w_step_done')\n"),
     ("worker/engine/engine.py", "                seq.first_scheduled_time = now\n",
      f"                seq.first_scheduled_time = now\n                {IMPORT}\n"
      "                _hops.hop(seq.request_id, 'w_sched')\n"),
@@ -195,6 +205,59 @@ def tails(logs: list[Path], client_itl: tuple[float, float] | None = None) -> No
               f"({client_itl[1] / client_itl[0]:.2f})")  # fmt: skip
 
 
+# A token's way back from the engine, each hop's time taken as the last one at or before the next hop's (every
+# event passes every hop once and in order); and what the gap between two tokens grows by from one to the next.
+CHAIN = ["g_yield", "g_dispatch", "w_emit_done", "w_emit_call", "w_step_back", "w_step_done"]
+SHARES = [
+    "gateway: routed -> to gRPC", "Redis -> gateway routed", "publish round trip", "loop: back -> publish",
+    "step done -> back on the loop", "engine: step to step",
+]  # fmt: skip
+
+
+def stalls(logs: list[Path]) -> None:
+    """Which hop makes the long gaps between a stream's tokens (a sweep run with CODESTREAM_HOPS=1). For each
+    pair of consecutive tokens of a stream, the gap at each hop of CHAIN; what a hop's gap adds over the gap
+    at the hop before it is that hop's share. Printed: each share's median over all pairs and over the long
+    ones (gateway gap over 1.8x its median), and how often each share was the one most over its median."""
+    times: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for path in logs:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("HOP "):
+                _, request_id, name, at = line.split()
+                times[request_id][name.partition("@")[0]].append(float(at))
+    steps = sorted(times.pop("steps", {}).get("w_step_done", []))
+    pairs = []  # per pair of consecutive tokens of a stream: the gap at each hop of CHAIN, ms
+    for request_id, hops in times.items():
+        if request_id.startswith("client-") or not hops.get("g_yield"):
+            continue
+        ordered = {name: sorted(hops.get(name, [])) for name in CHAIN[1:-1]} | {"w_step_done": steps}
+        tokens = []
+        for at in sorted(hops["g_yield"]):
+            chain = [at]
+            for name in CHAIN[1:]:
+                i = bisect.bisect_right(ordered[name], chain[-1]) - 1
+                if i < 0:
+                    break
+                chain.append(ordered[name][i])
+            else:
+                tokens.append(chain)
+        pairs += [[(b - a) * 1000 for a, b in zip(t0, t1, strict=True)] for t0, t1 in itertools.pairwise(tokens)]
+    if len(pairs) < 100:
+        print(f"{len(pairs)} token pairs: too few (run a sweep with CODESTREAM_HOPS=1)")
+        return
+    shares = [[gap[k] - gap[k + 1] for k in range(len(gap) - 1)] + [gap[-1]] for gap in pairs]
+    typical = [statistics.median(s[k] for s in shares) for k in range(len(SHARES))]
+    limit = 1.8 * statistics.median(gap[0] for gap in pairs)
+    long = [s for gap, s in zip(pairs, shares, strict=True) if gap[0] > limit]
+    print(f"{len(pairs)} token pairs, {len(long)} with a gap at the gateway over {limit:.2f} ms (1.8x the median)")
+    print(f"{'share of the gap':<32}{'median, all':>13}{'median, long':>14}{'mean, long':>12}{'most over':>11}")
+    most = collections.Counter(max(range(len(s)), key=lambda k: s[k] - typical[k]) for s in long)
+    for k, what in enumerate(SHARES):
+        tail = [s[k] for s in long] or [0.0]
+        print(f"{what:<32}{typical[k]:>11.2f}ms{statistics.median(tail):>12.2f}ms{statistics.mean(tail):>10.2f}ms"
+              f"{most[k]:>11d}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     tail = sub.add_parser("tails", help="per-token gaps at each hop (a sweep run with CODESTREAM_HOPS=1)")
     tail.add_argument("logs", type=Path, nargs="+")
     tail.add_argument("--client-itl", type=float, nargs=2, metavar=("MEDIAN", "P99"))
+    sub.add_parser("stalls", help="which hop makes the long gaps (a sweep run with CODESTREAM_HOPS=1)").add_argument(
+        "logs", type=Path, nargs="+"
+    )
     args = parser.parse_args(argv)
-    if args.command == "instrument":
+    if args.command == "stalls":
+        stalls(args.logs)
+    elif args.command == "instrument":
         instrument(args.dest)
     elif args.command == "tails":
         tails(args.logs, tuple(args.client_itl) if args.client_itl else None)

@@ -350,7 +350,9 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
     log(f"{name}: {options.num_prompts} requests, concurrency {options.concurrency or 'all'}")
     urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in gc_ports.items()}
     before = {n: gc_pauses.scrape(u) for n, u in urls.items()}
+    cpu_before = cpu_times()
     result = await bench(options)
+    result["cpu_s"] = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_times().items()}
     s = result["summary"]
     gc = {n: {k: v - before[n][k] for k, v in gc_pauses.scrape(u).items()} for n, u in urls.items()}
     result["gc"] = gc | {"client": s["client_gc"]}
@@ -360,7 +362,8 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
     log(
         f"{name}: {s['completed']}/{s['requests']} ok, {s['errors']} errors, {s['output_throughput']:,.1f} tok/s, "
         f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
-        f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}"
+        f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}; CPU s (all CPUs): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_s"].items() if k in ("user", "system", "idle", "steal"))
     )
     return result
 
@@ -387,10 +390,21 @@ def run_bus(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # -- report -------------------------------------------------------------------------------------------------
 
 
+def cpu_times() -> dict[str, float]:
+    """The machine's CPU seconds by state, all CPUs together (/proc/stat): under a hypervisor, `steal` is the
+    time our virtual CPUs were ready to run but the host ran something else (a stall no profile shows)."""
+    with contextlib.suppress(OSError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+        return {n: int(v) / os.sysconf("SC_CLK_TCK") for n, v in zip(names, fields, strict=False)}
+    return {}
+
+
 def machine() -> dict[str, Any]:
     idle = cpu_idle.describe()
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in cpu_info() if ln.startswith("model name")), ""),
         "python": sys.version.split()[0],
         "kernel": idle["kernel"],
         "idle_driver": idle["idle_driver"],
@@ -407,6 +421,12 @@ def machine() -> dict[str, Any]:
 
         info["grpcio"] = grpc.__version__
     return info
+
+
+def cpu_info() -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    return []
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:

@@ -105,11 +105,13 @@ EDITS = [
     # Per engine step (a pseudo request "steps"): the step's call returned, on the engine thread or the loop.
     ("worker/service.py",
      "            return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)\n",
-     f"            {IMPORT}\n\n            def timed():\n                result = fn()\n"
+     f"            {IMPORT}\n\n            def timed():\n                _hops.hop('steps', 'w_step_start')\n"
+     "                result = fn()\n"
      "                _hops.hop('steps', 'w_step_done')\n                return result\n\n"
      "            return await asyncio.get_running_loop().run_in_executor(self._engine_thread, timed)\n"),
     ("worker/service.py", "                        outputs = self.engine.step()\n",
-     f"                        outputs = self.engine.step()\n                        {IMPORT}\n"
+     f"                        {IMPORT}\n                        _hops.hop('steps', 'w_step_start')\n"
+     "                        outputs = self.engine.step()\n"
      "                        _hops.hop('steps', 'w_step_done')\n"),
     ("worker/engine/engine.py", "                seq.first_scheduled_time = now\n",
      f"                seq.first_scheduled_time = now\n                {IMPORT}\n"
@@ -207,9 +209,10 @@ def tails(logs: list[Path], client_itl: tuple[float, float] | None = None) -> No
 
 # A token's way back from the engine, each hop's time taken as the last one at or before the next hop's (every
 # event passes every hop once and in order); and what the gap between two tokens grows by from one to the next.
-CHAIN = ["g_yield", "g_dispatch", "w_emit_done", "w_emit_call", "w_step_back", "w_step_done"]
+# (Not w_emit_done: the gateway often routes an event before the worker has read the publish's reply.)
+CHAIN = ["g_yield", "g_dispatch", "w_emit_call", "w_step_back", "w_step_done"]
 SHARES = [
-    "gateway: routed -> to gRPC", "Redis -> gateway routed", "publish round trip", "loop: back -> publish",
+    "gateway: routed -> to gRPC", "publish -> gateway routed", "loop: back -> publish",
     "step done -> back on the loop", "engine: step to step",
 ]  # fmt: skip
 
@@ -225,8 +228,10 @@ def stalls(logs: list[Path]) -> None:
             if line.startswith("HOP "):
                 _, request_id, name, at = line.split()
                 times[request_id][name.partition("@")[0]].append(float(at))
-    steps = sorted(times.pop("steps", {}).get("w_step_done", []))
+    step_hops = times.pop("steps", {})
+    steps, starts = sorted(step_hops.get("w_step_done", [])), sorted(step_hops.get("w_step_start", []))
     pairs = []  # per pair of consecutive tokens of a stream: the gap at each hop of CHAIN, ms
+    ends = []  # and when the later token's step call returned
     for request_id, hops in times.items():
         if request_id.startswith("client-") or not hops.get("g_yield"):
             continue
@@ -242,13 +247,23 @@ def stalls(logs: list[Path]) -> None:
             else:
                 tokens.append(chain)
         pairs += [[(b - a) * 1000 for a, b in zip(t0, t1, strict=True)] for t0, t1 in itertools.pairwise(tokens)]
+        ends += [t1[-1] for _, t1 in itertools.pairwise(tokens)]
     if len(pairs) < 100:
         print(f"{len(pairs)} token pairs: too few (run a sweep with CODESTREAM_HOPS=1)")
         return
+    # The call that returned the later token's step: how long it took on the engine thread (GPU wait included).
+    calls = {done: (done - starts[i - 1]) * 1000 for done in steps if (i := bisect.bisect_right(starts, done)) > 0}
     shares = [[gap[k] - gap[k + 1] for k in range(len(gap) - 1)] + [gap[-1]] for gap in pairs]
     typical = [statistics.median(s[k] for s in shares) for k in range(len(SHARES))]
     limit = 1.8 * statistics.median(gap[0] for gap in pairs)
     long = [s for gap, s in zip(pairs, shares, strict=True) if gap[0] > limit]
+    if calls:
+        every = [calls[e] for e in ends if e in calls]
+        slow = [calls[e] for gap, e in zip(pairs, ends, strict=True) if gap[0] > limit and e in calls] or [0.0]
+        print(
+            f"the step call that returned the later token: median {statistics.median(every):.2f} ms over all pairs, "
+            f"{statistics.median(slow):.2f} ms over the long ones (max {max(slow):.2f})"
+        )
     print(f"{len(pairs)} token pairs, {len(long)} with a gap at the gateway over {limit:.2f} ms (1.8x the median)")
     print(f"{'share of the gap':<32}{'median, all':>13}{'median, long':>14}{'mean, long':>12}{'most over':>11}")
     most = collections.Counter(max(range(len(s)), key=lambda k: s[k] - typical[k]) for s in long)

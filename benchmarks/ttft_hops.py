@@ -48,6 +48,16 @@ def client_id():
 def hop(request_id, name):
     if ON:
         sys.stderr.write(f"HOP {request_id} {name} {time.time():.6f}\\n")
+
+
+def _collection(phase, info):
+    hop(f"gc-{os.getpid()}", f"gc{info['generation']}_{phase}")
+
+
+if ON:  # (imported at a process's first hop) its garbage collections too: `stalls` lists those near a stall
+    import gc
+
+    gc.callbacks.append(_collection)
 '''
 
 IMPORT = "from codestream import _hops"
@@ -231,7 +241,7 @@ def stalls(logs: list[Path]) -> None:
     step_hops = times.pop("steps", {})
     steps, starts = sorted(step_hops.get("w_step_done", [])), sorted(step_hops.get("w_step_start", []))
     pairs = []  # per pair of consecutive tokens of a stream: the gap at each hop of CHAIN, ms
-    ends = []  # and when the later token's step call returned
+    ends, yields = [], []  # and when the later token's step call returned, and when it went to gRPC
     for request_id, hops in times.items():
         if request_id.startswith("client-") or not hops.get("g_yield"):
             continue
@@ -248,6 +258,7 @@ def stalls(logs: list[Path]) -> None:
                 tokens.append(chain)
         pairs += [[(b - a) * 1000 for a, b in zip(t0, t1, strict=True)] for t0, t1 in itertools.pairwise(tokens)]
         ends += [t1[-1] for _, t1 in itertools.pairwise(tokens)]
+        yields += [t1[0] for _, t1 in itertools.pairwise(tokens)]
     if len(pairs) < 100:
         print(f"{len(pairs)} token pairs: too few (run a sweep with CODESTREAM_HOPS=1)")
         return
@@ -257,6 +268,7 @@ def stalls(logs: list[Path]) -> None:
     typical = [statistics.median(s[k] for s in shares) for k in range(len(SHARES))]
     limit = 1.8 * statistics.median(gap[0] for gap in pairs)
     long = [s for gap, s in zip(pairs, shares, strict=True) if gap[0] > limit]
+    long_at = [(at, gap[0], s) for at, gap, s in zip(yields, pairs, shares, strict=True) if gap[0] > limit]
     if calls:
         every = [calls[e] for e in ends if e in calls]
         slow = [calls[e] for gap, e in zip(pairs, ends, strict=True) if gap[0] > limit and e in calls] or [0.0]
@@ -271,6 +283,52 @@ def stalls(logs: list[Path]) -> None:
         tail = [s[k] for s in long] or [0.0]
         print(f"{what:<32}{typical[k]:>11.2f}ms{statistics.median(tail):>12.2f}ms{statistics.mean(tail):>10.2f}ms"
               f"{most[k]:>11d}")  # fmt: skip
+    stall_events(long_at, typical, times)
+
+
+def stall_events(long_at: list[tuple[float, float, list[float]]], typical: list[float], times: dict) -> None:
+    """The long gaps grouped into events (gaps ending within 5 ms of each other: one stall hits every stream
+    of a step), each with its shares over their medians, and what else happened in its window: garbage
+    collections (gc-<pid>) and the hiccup probe's missed wake-ups (probe-<pid>; `probe`)."""
+    others = []  # (start, end, what)
+    for who, hops in times.items():
+        if who.startswith(("gc-", "probe-")):
+            starts = sorted(t for name, ts in hops.items() if name.endswith("start") for t in ts)
+            ends = sorted(t for name, ts in hops.items() if name.endswith("stop") or name.endswith("end") for t in ts)
+            others += [(a, b, who) for a, b in zip(starts, ends, strict=False)]
+    events: list[list[tuple[float, float, list[float]]]] = []
+    for item in sorted(long_at):
+        if events and item[0] - events[-1][-1][0] < 0.005:
+            events[-1].append(item)
+        else:
+            events.append([item])
+    print(f"{len(events)} stall events (long gaps within 5 ms of each other); shares over their medians, ms:")
+    for event in events:
+        at, gap = event[0][0], max(g for _, g, _ in event)
+        over = [statistics.median(s[k] for _, _, s in event) - typical[k] for k in range(len(typical))]
+        near = [f"{who} {(b - a) * 1000:.1f} ms at {(a - at) * 1000:+.1f}" for a, b, who in others
+                if at - gap / 1000 <= b and a <= at]  # fmt: skip
+        print(f"  {at:.3f}: {len(event):3d} streams, gap up to {gap:.1f} ms; "
+              + ", ".join(f"{w.split(':')[0]} {o:+.1f}" for w, o in zip(SHARES, over, strict=True))
+              + (f"; meanwhile: {'; '.join(near)}" if near else ""))  # fmt: skip
+
+
+def probe(seconds: float, tick_s: float = 0.001, late_s: float = 0.001) -> None:
+    """A hiccup probe (run it next to the stack): sleeps `tick_s` again and again and writes each wake-up that
+    came more than `late_s` late as `HOP probe-<pid> hiccup_start/hiccup_end`. A process that asks for
+    nothing but the CPU now and then is late only when the machine did not run it: the scheduler, or the
+    hypervisor (steal)."""
+    import os
+    import sys
+    import time
+
+    who, end = f"probe-{os.getpid()}", time.time() + seconds
+    while (before := time.time()) < end:
+        time.sleep(tick_s)
+        after = time.time()
+        if after - before > tick_s + late_s:
+            sys.stdout.write(f"HOP {who} hiccup_start {before:.6f}\nHOP {who} hiccup_end {after:.6f}\n")
+            sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stalls", help="which hop makes the long gaps (a sweep run with CODESTREAM_HOPS=1)").add_argument(
         "logs", type=Path, nargs="+"
     )
+    sub.add_parser("probe", help="a hiccup probe: late wake-ups as HOP lines").add_argument("seconds", type=float)
     args = parser.parse_args(argv)
-    if args.command == "stalls":
+    if args.command == "probe":
+        probe(args.seconds)
+    elif args.command == "stalls":
         stalls(args.logs)
     elif args.command == "instrument":
         instrument(args.dest)

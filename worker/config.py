@@ -40,9 +40,6 @@ class WorkerConfig:
     busy_poll_us: int = setting(
         0, "poll the event loop this long after its last I/O, not sleep (a busy core; ~0.05 ms a hop); 0: off"
     )
-    gil_switch_interval_ms: float = setting(
-        5.0, "how long the event loop or the engine thread waits for the GIL before the other must hand it over"
-    )
     heartbeat_s: float = setting(2.0, "how often the worker renews its job leases and liveness key")
     lease_s: float = setting(15.0, "a job whose worker has not renewed it for this long is taken over")
     max_deliveries: int = setting(5, "a job delivered more often goes to the dead-letter stream")

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import signal
 import socket
-import sys
 import uuid
 
 import structlog
@@ -80,9 +79,6 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
     # that no collection during a step walks them (a full collection of this heap costs milliseconds).
     gc.collect()
     gc.freeze()
-    # The engine thread and this loop share the GIL. A thread that wants it is handed it only after the
-    # holder lets go by itself or after this interval (Python's default: 5 ms).
-    sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

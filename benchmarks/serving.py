@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cpu_idle
+from benchmarks import cpu_idle, hiccups
 from codestream import gc_pauses
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
@@ -351,8 +351,10 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
     urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in gc_ports.items()}
     before = {n: gc_pauses.scrape(u) for n, u in urls.items()}
     cpu_before = cpu_times()
-    result = await bench(options)
+    with hiccups.Probes() as probes:  # (whole-machine pauses: a tail they make is not the service's)
+        result = await bench(options)
     result["cpu_s"] = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_times().items()}
+    result["machine_pauses"] = halts = probes.summary()
     s = result["summary"]
     gc = {n: {k: v - before[n][k] for k, v in gc_pauses.scrape(u).items()} for n, u in urls.items()}
     result["gc"] = gc | {"client": s["client_gc"]}
@@ -364,6 +366,8 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
         f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
         f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}; CPU s (all CPUs): "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_s"].items() if k in ("user", "system", "idle", "steal"))
+        + f"; machine paused {halts['machine_pauses']} times ({halts['machine_pauses_over_5ms']} over 5 ms, longest "
+        f"{halts['machine_pause_max_ms']:.1f} ms)"
     )
     return result
 

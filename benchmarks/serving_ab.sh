@@ -87,6 +87,8 @@ for name in names:
                 f"\n         c={c:>3s}: {m['output_throughput']:,.1f} tok/s, {m['errors']} errors, TTFT median "
                 f"{m['ttft_ms']['median']:.1f} ms, ITL {itl['median']:.2f} / {itl['p99']:.2f} ms ({itl['p99'] / itl['median']:.2f})"
             )
+            if halts := result.get("machine_pauses"):
+                line += f"; machine paused {halts['machine_pauses']}x, {halts['machine_pauses_over_5ms']} over 5 ms"
         print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.

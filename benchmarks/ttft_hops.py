@@ -289,7 +289,7 @@ def stalls(logs: list[Path]) -> None:
 def stall_events(long_at: list[tuple[float, float, list[float]]], typical: list[float], times: dict) -> None:
     """The long gaps grouped into events (gaps ending within 5 ms of each other: one stall hits every stream
     of a step), each with its shares over their medians, and what else happened in its window: garbage
-    collections (gc-<pid>) and the hiccup probe's missed wake-ups (probe-<pid>; `probe`)."""
+    collections (gc-<pid>) and the hiccup probe's late wake-ups (probe-<pid>; benchmarks/hiccups.py)."""
     others = []  # (start, end, what)
     for who, hops in times.items():
         if who.startswith(("gc-", "probe-")):
@@ -313,24 +313,6 @@ def stall_events(long_at: list[tuple[float, float, list[float]]], typical: list[
               + (f"; meanwhile: {'; '.join(near)}" if near else ""))  # fmt: skip
 
 
-def probe(seconds: float, tick_s: float = 0.001, late_s: float = 0.001) -> None:
-    """A hiccup probe (run it next to the stack): sleeps `tick_s` again and again and writes each wake-up that
-    came more than `late_s` late as `HOP probe-<pid> hiccup_start/hiccup_end`. A process that asks for
-    nothing but the CPU now and then is late only when the machine did not run it: the scheduler, or the
-    hypervisor (steal)."""
-    import os
-    import sys
-    import time
-
-    who, end = f"probe-{os.getpid()}", time.time() + seconds
-    while (before := time.time()) < end:
-        time.sleep(tick_s)
-        after = time.time()
-        if after - before > tick_s + late_s:
-            sys.stdout.write(f"HOP {who} hiccup_start {before:.6f}\nHOP {who} hiccup_end {after:.6f}\n")
-            sys.stdout.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -343,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stalls", help="which hop makes the long gaps (a sweep run with CODESTREAM_HOPS=1)").add_argument(
         "logs", type=Path, nargs="+"
     )
-    sub.add_parser("probe", help="a hiccup probe: late wake-ups as HOP lines").add_argument("seconds", type=float)
     args = parser.parse_args(argv)
-    if args.command == "probe":
-        probe(args.seconds)
-    elif args.command == "stalls":
+    if args.command == "stalls":
         stalls(args.logs)
     elif args.command == "instrument":
         instrument(args.dest)

@@ -77,7 +77,7 @@ class Probes:
 
     def summary(self) -> dict[str, Any]:
         """Hiccups per probe, and pauses of the machine: hiccups of every probe starting within 1 ms of each
-        other (their length: the shortest of them)."""
+        other (a pause's length: the shortest of their sleeps, the 1 ms asked for included)."""
         pauses: list[list[tuple[float, float, str]]] = []
         for hiccup in self.hiccups:
             if pauses and hiccup[0] - pauses[-1][0][0] < 0.001 and hiccup[2] not in {h[2] for h in pauses[-1]}:

@@ -227,6 +227,30 @@ SHARES = [
 ]  # fmt: skip
 
 
+def token_chains(hops: dict[str, list[float]], steps: list[float]) -> list[list[float]]:
+    """One request's tokens, each as its times at the hops of CHAIN. From each token's step back on the worker's
+    loop forward: at each later hop, the request's next event not before the hop before (events pass every hop
+    in order; a hop held up past the next step's earlier hops still gets its own event). The step's call
+    returned at the last w_step_done before its step back."""
+    chains = [[at] for at in sorted(hops.get("w_step_back", []))]
+    for name in reversed(CHAIN[:-2]):  # w_emit_call, g_dispatch, g_yield
+        events, j, kept = sorted(hops.get(name, [])), 0, []
+        for chain in chains:
+            while j < len(events) and events[j] < chain[-1]:
+                j += 1  # (an event of the request's own that no token made: its start, its end)
+            if j == len(events):
+                break
+            kept.append([*chain, events[j]])
+            j += 1
+        chains = kept
+    tokens = []
+    for chain in chains:
+        i = bisect.bisect_right(steps, chain[0]) - 1
+        if i >= 0:
+            tokens.append([*reversed(chain), steps[i]])
+    return tokens
+
+
 def stalls(logs: list[Path]) -> None:
     """Which hop makes the long gaps between a stream's tokens (a sweep run with CODESTREAM_HOPS=1). For each
     pair of consecutive tokens of a stream, the gap at each hop of CHAIN; what a hop's gap adds over the gap
@@ -245,17 +269,7 @@ def stalls(logs: list[Path]) -> None:
     for request_id, hops in times.items():
         if request_id.startswith("client-") or not hops.get("g_yield"):
             continue
-        ordered = {name: sorted(hops.get(name, [])) for name in CHAIN[1:-1]} | {"w_step_done": steps}
-        tokens = []
-        for at in sorted(hops["g_yield"]):
-            chain = [at]
-            for name in CHAIN[1:]:
-                i = bisect.bisect_right(ordered[name], chain[-1]) - 1
-                if i < 0:
-                    break
-                chain.append(ordered[name][i])
-            else:
-                tokens.append(chain)
+        tokens = token_chains(hops, steps)
         pairs += [[(b - a) * 1000 for a, b in zip(t0, t1, strict=True)] for t0, t1 in itertools.pairwise(tokens)]
         ends += [t1[-1] for _, t1 in itertools.pairwise(tokens)]
         yields += [t1[0] for _, t1 in itertools.pairwise(tokens)]

@@ -351,8 +351,10 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
     urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in gc_ports.items()}
     before = {n: gc_pauses.scrape(u) for n, u in urls.items()}
     cpu_before = cpu_times()
+    started = time.time()
     with hiccups.Probes() as probes:  # (whole-machine pauses: a tail they make is not the service's)
         result = await bench(options)
+    result["window_unix"] = [round(started, 3), round(time.time(), 3)]  # (ttft_hops stalls --load)
     result["cpu_s"] = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_times().items()}
     result["machine_pauses"] = halts = probes.summary()
     s = result["summary"]

@@ -23,6 +23,7 @@ import argparse
 import bisect
 import collections
 import itertools
+import json
 import statistics
 from pathlib import Path
 
@@ -251,7 +252,7 @@ def token_chains(hops: dict[str, list[float]], steps: list[float]) -> list[list[
     return tokens
 
 
-def stalls(logs: list[Path]) -> None:
+def stalls(logs: list[Path], window: tuple[float, float] | None = None) -> None:
     """Which hop makes the long gaps between a stream's tokens (a sweep run with CODESTREAM_HOPS=1). For each
     pair of consecutive tokens of a stream, the gap at each hop of CHAIN; what a hop's gap adds over the gap
     at the hop before it is that hop's share. Printed: each share's median over all pairs and over the long
@@ -269,7 +270,7 @@ def stalls(logs: list[Path]) -> None:
     for request_id, hops in times.items():
         if request_id.startswith("client-") or not hops.get("g_yield"):
             continue
-        tokens = token_chains(hops, steps)
+        tokens = [t for t in token_chains(hops, steps) if window is None or window[0] <= t[0] <= window[1]]
         pairs += [[(b - a) * 1000 for a, b in zip(t0, t1, strict=True)] for t0, t1 in itertools.pairwise(tokens)]
         ends += [t1[-1] for _, t1 in itertools.pairwise(tokens)]
         yields += [t1[0] for _, t1 in itertools.pairwise(tokens)]
@@ -336,12 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     tail = sub.add_parser("tails", help="per-token gaps at each hop (a sweep run with CODESTREAM_HOPS=1)")
     tail.add_argument("logs", type=Path, nargs="+")
     tail.add_argument("--client-itl", type=float, nargs=2, metavar=("MEDIAN", "P99"))
-    sub.add_parser("stalls", help="which hop makes the long gaps (a sweep run with CODESTREAM_HOPS=1)").add_argument(
-        "logs", type=Path, nargs="+"
-    )
+    stall = sub.add_parser("stalls", help="which hop makes the long gaps (a sweep run with CODESTREAM_HOPS=1)")
+    stall.add_argument("logs", type=Path, nargs="+")
+    stall.add_argument("--load", default="", help="REPORT.json:LOAD (a sweep's concurrency, e.g. 32#2, or w1)")
     args = parser.parse_args(argv)
     if args.command == "stalls":
-        stalls(args.logs)
+        window = None
+        if args.load:  # only the tokens of one load of a serving benchmark's report
+            path, _, key = args.load.partition(":")
+            service = json.loads(Path(path).read_text())["service"]
+            window = tuple((service["sweep"].get(key) or service[key])["window_unix"])
+            print(f"load {key}: {window[1] - window[0]:.1f} s")
+        stalls(args.logs, window)
     elif args.command == "instrument":
         instrument(args.dest)
     elif args.command == "tails":

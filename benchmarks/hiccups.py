@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,14 +28,62 @@ TICK_S = 0.001
 
 def probe(seconds: float, tick_s: float = TICK_S, late_s: float = LATE_S) -> None:
     """Sleep `tick_s` again and again for `seconds`; write each late wake-up as two HOP lines (the format of
-    benchmarks/ttft_hops.py, whose `stalls` lists them next to the stalls they may explain)."""
+    benchmarks/ttft_hops.py, whose `stalls` lists them next to the stalls they may explain). After each
+    wake-up, time a fixed piece of work (~50 µs): a CPU that runs slow for a while (a busy sibling
+    hyperthread, a lower clock) shows there without any late wake-up; the work's times go out at the end, as
+    `WORK <probe> <count> <median µs> <p99 µs> <max µs> <count over 2x the median>`."""
     who, end = f"probe-{os.getpid()}", time.time() + seconds
-    while (before := time.time()) < end:
-        time.sleep(tick_s)
-        after = time.time()
-        if after - before > tick_s + late_s:
-            sys.stdout.write(f"HOP {who} hiccup_start {before:.6f}\nHOP {who} hiccup_end {after:.6f}\n")
+    spins = calibrate()
+    work: list[float] = []
+    try:
+        while (before := time.time()) < end:
+            time.sleep(tick_s)
+            after = time.time()
+            if after - before > tick_s + late_s:
+                sys.stdout.write(f"HOP {who} hiccup_start {before:.6f}\nHOP {who} hiccup_end {after:.6f}\n")
+                sys.stdout.flush()
+            started = time.perf_counter()
+            busy(spins)
+            work.append((time.perf_counter() - started) * 1e6)
+    finally:
+        if work:
+            work.sort()
+            median = work[len(work) // 2]
+            over = sum(w > 2 * median for w in work)
+            sys.stdout.write(
+                f"WORK {who} {len(work)} {median:.1f} {work[int(0.99 * (len(work) - 1))]:.1f} {work[-1]:.1f} {over}\n"
+            )
             sys.stdout.flush()
+
+
+def busy(spins: int) -> int:
+    total = 0
+    for i in range(spins):
+        total += i
+    return total
+
+
+def calibrate(target_s: float = 50e-6) -> int:
+    """How many spins of `busy` take about `target_s` here (the fastest of a few tries)."""
+    fastest = min(_timed(100_000) for _ in range(5))
+    return max(100, int(100_000 * target_s / fastest))
+
+
+def _timed(spins: int) -> float:
+    started = time.perf_counter()
+    busy(spins)
+    return time.perf_counter() - started
+
+
+def parse_work(text: str) -> list[dict[str, float]]:
+    """The work times a probe wrote at its end (`probe`'s WORK line)."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 7 and parts[0] == "WORK":
+            count, median, p99, most, over = map(float, parts[2:])
+            found.append({"count": count, "median_us": median, "p99_us": p99, "max_us": most, "over_2x": over})
+    return found
 
 
 def parse(text: str) -> list[tuple[float, float, str]]:
@@ -60,6 +109,7 @@ class Probes:
     count: int = 2
     processes: list[subprocess.Popen] = field(default_factory=list)
     hiccups: list[tuple[float, float, str]] = field(default_factory=list)
+    work: list[dict[str, float]] = field(default_factory=list)
 
     def __enter__(self) -> Probes:
         command = [sys.executable, "-m", "benchmarks.hiccups", "3600"]
@@ -69,10 +119,11 @@ class Probes:
 
     def __exit__(self, *exc: object) -> None:
         for process in self.processes:
-            process.terminate()
+            process.send_signal(signal.SIGINT)  # (KeyboardInterrupt: the probe writes its work times and ends)
         for process in self.processes:
             out, _ = process.communicate(timeout=10)
             self.hiccups += parse(out)
+            self.work += parse_work(out)
         self.hiccups.sort()
 
     def summary(self) -> dict[str, Any]:
@@ -92,6 +143,11 @@ class Probes:
             "machine_pause_max_ms": round(max(whole, default=0.0), 2),
             "machine_pauses_over_5ms": sum(p > 5 for p in whole),
             "machine_pause_total_ms": round(sum(whole), 2),
+            # The fixed work's times, per probe: slow stretches of the CPUs without a pause.
+            "work_median_us": [w["median_us"] for w in self.work],
+            "work_p99_us": [w["p99_us"] for w in self.work],
+            "work_max_us": [w["max_us"] for w in self.work],
+            "work_over_2x": [int(w["over_2x"]) for w in self.work],
         }
 
 

@@ -369,7 +369,8 @@ async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict
         f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}; CPU s (all CPUs): "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_s"].items() if k in ("user", "system", "idle", "steal"))
         + f"; machine paused {halts['machine_pauses']} times ({halts['machine_pauses_over_5ms']} over 5 ms, longest "
-        f"{halts['machine_pause_max_ms']:.1f} ms)"
+        f"{halts['machine_pause_max_ms']:.1f} ms); probes' 50 µs of work p99/max "
+        + ", ".join(f"{p:.0f}/{m:.0f} µs" for p, m in zip(halts["work_p99_us"], halts["work_max_us"], strict=True))
     )
     return result
 

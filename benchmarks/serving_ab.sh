@@ -89,6 +89,7 @@ for name in names:
             )
             if halts := result.get("machine_pauses"):
                 line += f"; machine paused {halts['machine_pauses']}x, {halts['machine_pauses_over_5ms']} over 5 ms"
+                line += f"; probe work p99 {'/'.join(f'{p:.0f}' for p in halts.get('work_p99_us', []))} µs"
         print(line)
 PY
 # The device tool brings back at most 8 files a call: all of them in one archive.

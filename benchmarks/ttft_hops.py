@@ -192,17 +192,23 @@ def report(logs: list[Path], skip: int = 3) -> None:
 TOKEN_HOPS = ["w_step_back", "w_emit_call", "w_emit_done", "g_dispatch", "g_yield"]
 
 
-def tails(logs: list[Path], client_itl: tuple[float, float] | None = None) -> None:
-    """Where the gaps between a stream's tokens grow (a sweep run with CODESTREAM_HOPS=1): for each hop every
-    token passes, the gaps between consecutive tokens of a stream there, their median, p99 and the ratio. The
-    hop where the ratio first jumps is where the tail comes from; `client_itl` (median, p99 ms, from the
-    bench's summary) is the last hop's."""
+def read_hops(logs: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """Each request's times at each hop, in the order written (a stamped name keeps its own time aside)."""
     times: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for path in logs:
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith("HOP "):
                 _, request_id, name, at = line.split()
                 times[request_id][name.partition("@")[0]].append(float(at))
+    return times
+
+
+def tails(logs: list[Path], client_itl: tuple[float, float] | None = None) -> None:
+    """Where the gaps between a stream's tokens grow (a sweep run with CODESTREAM_HOPS=1): for each hop every
+    token passes, the gaps between consecutive tokens of a stream there, their median, p99 and the ratio. The
+    hop where the ratio first jumps is where the tail comes from; `client_itl` (median, p99 ms, from the
+    bench's summary) is the last hop's."""
+    times = read_hops(logs)
     print(f"{len(times)} requests; gaps between a stream's consecutive tokens at each hop:")
     for name in TOKEN_HOPS:
         gaps = sorted((b - a) * 1000 for hops in times.values() for a, b in itertools.pairwise(hops.get(name, [])))
@@ -257,12 +263,7 @@ def stalls(logs: list[Path], window: tuple[float, float] | None = None) -> None:
     pair of consecutive tokens of a stream, the gap at each hop of CHAIN; what a hop's gap adds over the gap
     at the hop before it is that hop's share. Printed: each share's median over all pairs and over the long
     ones (gateway gap over 1.8x its median), and how often each share was the one most over its median."""
-    times: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    for path in logs:
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("HOP "):
-                _, request_id, name, at = line.split()
-                times[request_id][name.partition("@")[0]].append(float(at))
+    times = read_hops(logs)
     step_hops = times.pop("steps", {})
     steps, starts = sorted(step_hops.get("w_step_done", [])), sorted(step_hops.get("w_step_start", []))
     pairs = []  # per pair of consecutive tokens of a stream: the gap at each hop of CHAIN, ms

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cpu_idle, hiccups
-from benchmarks.serving_report import cpu_times, machine, print_table, targets
+from benchmarks.serving_report import cpu_times, load_line, machine, print_table, targets
 from codestream import gc_pauses
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
@@ -346,33 +346,22 @@ def log_engine_time(result: dict[str, Any]) -> None:
 
 
 async def measure(name: str, options: Options, gc_ports: dict[str, int]) -> dict[str, Any]:
-    """One bench run, with the garbage collectors' pauses during it: the gateway's and the worker's (their
-    metrics) and the load generator's own (a pause stops every stream at once: the latencies' tail)."""
+    """One bench run, with what else went on meanwhile: the garbage collectors' pauses (the gateway's and the
+    worker's from their metrics, the load generator's own), the machine's CPU time by state, and its pauses
+    (benchmarks/hiccups.py). A pause of a process or of the machine stops every stream at once: a tail."""
     log(f"{name}: {options.num_prompts} requests, concurrency {options.concurrency or 'all'}")
     urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in gc_ports.items()}
     before = {n: gc_pauses.scrape(u) for n, u in urls.items()}
     cpu_before = cpu_times()
     started = time.time()
-    with hiccups.Probes() as probes:  # (whole-machine pauses: a tail they make is not the service's)
+    with hiccups.Probes() as probes:
         result = await bench(options)
     result["window_unix"] = [round(started, 3), round(time.time(), 3)]  # (ttft_hops stalls --load)
     result["cpu_s"] = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_times().items()}
-    result["machine_pauses"] = halts = probes.summary()
-    s = result["summary"]
+    result["machine_pauses"] = probes.summary()
     gc = {n: {k: v - before[n][k] for k, v in gc_pauses.scrape(u).items()} for n, u in urls.items()}
-    result["gc"] = gc | {"client": s["client_gc"]}
-    client = s["client_gc"]
-    pauses = [f"{n} {g['count']:.0f} ({g['total_s'] * 1e3:.1f} ms, {g['over_5ms']:.0f} > 5 ms)" for n, g in gc.items()]
-    pauses.append(f"client {client['count']} ({client['total_ms']:.1f} ms, longest {client['max_ms']:.1f} ms)")
-    log(
-        f"{name}: {s['completed']}/{s['requests']} ok, {s['errors']} errors, {s['output_throughput']:,.1f} tok/s, "
-        f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
-        f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}; CPU s (all CPUs): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_s"].items() if k in ("user", "system", "idle", "steal"))
-        + f"; machine paused {halts['machine_pauses']} times ({halts['machine_pauses_over_5ms']} over 5 ms, longest "
-        f"{halts['machine_pause_max_ms']:.1f} ms); probes' 50 µs of work p99/max "
-        + ", ".join(f"{p:.0f}/{m:.0f} µs" for p, m in zip(halts["work_p99_us"], halts["work_max_us"], strict=True))
-    )
+    result["gc"] = gc | {"client": result["summary"]["client_gc"]}
+    log(f"{name}: {load_line(result)}")
     return result
 
 

@@ -22,6 +22,27 @@ def cpu_times() -> dict[str, float]:
     return {}
 
 
+def load_line(result: dict[str, Any]) -> str:
+    """One load's figures and what went on meanwhile (serving.measure), on one line."""
+    s, gc, halts = result["summary"], result["gc"], result["machine_pauses"]
+    pauses = [
+        f"{n} {g['count']:.0f} ({g['total_s'] * 1e3:.1f} ms, {g['over_5ms']:.0f} > 5 ms)"
+        for n, g in gc.items()
+        if n != "client"
+    ]
+    client = gc["client"]
+    pauses.append(f"client {client['count']} ({client['total_ms']:.1f} ms, longest {client['max_ms']:.1f} ms)")
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_s"].items() if k in ("user", "system", "idle", "steal"))
+    work = ", ".join(f"{p:.0f}/{m:.0f} µs" for p, m in zip(halts["work_p99_us"], halts["work_max_us"], strict=True))
+    return (
+        f"{s['completed']}/{s['requests']} ok, {s['errors']} errors, {s['output_throughput']:,.1f} tok/s, "
+        f"TTFT median {s['ttft_ms'].get('median', 0):.2f} ms, ITL median/p99 {s['itl_ms'].get('median', 0):.2f}/"
+        f"{s['itl_ms'].get('p99', 0):.2f} ms; GC pauses: {', '.join(pauses)}; CPU s (all CPUs): {cpu}; "
+        f"machine paused {halts['machine_pauses']} times ({halts['machine_pauses_over_5ms']} over 5 ms, longest "
+        f"{halts['machine_pause_max_ms']:.1f} ms); probes' 50 µs of work p99/max {work}"
+    )
+
+
 def machine() -> dict[str, Any]:
     idle = cpu_idle.describe()
     info: dict[str, Any] = {

@@ -53,6 +53,13 @@ def run_to_completion(engine: LLMEngine, late: dict[int, tuple] | None = None) -
     return {"tokens": tokens, "finals": finals}
 
 
+def record(seen: dict[str, tuple], outputs: list) -> None:
+    """Add each output to its request's (token ids, text, last finish reason) in `seen`."""
+    for out in outputs:
+        ids, text, _ = seen.get(out.request_id, ([], "", None))
+        seen[out.request_id] = (ids + out.new_token_ids, text + out.text, out.finish_reason)
+
+
 def make_engine(model_dir: Path, **overrides) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), **overrides))
 
@@ -339,9 +346,7 @@ def test_decode_lookahead_changes_nothing_but_when_steps_are_launched(demo_model
             outputs = engine.abort_request("aborted") if step == 6 else []
             if step == 9:
                 engine.add_request(*late.pop())
-            for out in outputs + engine.step():
-                ids, text, _ = seen.get(out.request_id, ([], "", None))
-                seen[out.request_id] = (ids + out.new_token_ids, text + out.text, out.finish_reason)
+            record(seen, outputs + engine.step())
             step += 1
         assert engine.stats().num_free_blocks == 128
         results.append((seen, engine.step_timing.steps_ahead))
@@ -501,9 +506,7 @@ def test_staggered_arrivals_in_chunks_give_the_tokens_of_steps_read_one_by_one(d
             for request in arrivals.get(call, []):
                 engine.add_request(*request)
             outputs = engine.abort_request("r3") if call == abort_at else []
-            for out in outputs + engine.step():
-                got, text, _ = seen.get(out.request_id, ([], "", None))
-                seen[out.request_id] = (got + out.new_token_ids, text + out.text, out.finish_reason)
+            record(seen, outputs + engine.step())
             call += 1
         assert engine.stats().num_free_blocks == 96
         runs.append((seen, engine.step_timing.steps_ahead))

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.engine.block_manager import BlockManager
-from worker.engine.model_runner import _to_device
-from worker.engine.scheduler import ScheduledBatch, Scheduler
+from worker.engine.model_runner import to_device
+from worker.engine.scheduler import ScheduledBatch, Scheduler, running_share
 from worker.engine.sequence import Sequence
 from worker.engine.step_inputs import StepPlan
 
@@ -175,7 +175,7 @@ def schedule_following(
     }
     budget = scheduler.max_num_batched_tokens
     # schedule() counts the sequences with one token left as decoding, a prompt's last token included.
-    prefill_budget = scheduler._prefill_budget(len(decoding) + sum(n == 1 for n in left.values()))
+    prefill_budget = scheduler.prefill_budget(len(decoding) + sum(n == 1 for n in left.values()))
     seqs, computing, scheduled, sources = [], [], [], []
     for seq in scheduler.running:
         key = seq.key
@@ -183,11 +183,10 @@ def schedule_following(
             continue  # it leaves with `step`
         if budget <= 0:
             return None
-        k = 1 if key in decoding else min(left[key], budget)
+        k = running_share(1 if key in decoding else left[key], budget, prefill_budget)
+        if k == 0:
+            return None
         if k > 1:
-            k = min(k, prefill_budget)
-            if k == 0:
-                return None
             prefill_budget -= k
         budget -= k
         seqs.append(seq)
@@ -209,9 +208,9 @@ def following_ids(step: LaunchedStep, plan: StepPlan, sources: list[int | None])
         return device_ids
     device = device_ids.device
     if plan.is_decode:
-        return device_ids[_to_device(rows, device)]
-    ids = _to_device(plan.input_ids, device)
+        return device_ids[to_device(rows, device)]
+    ids = to_device(plan.input_ids, device)
     if rows:
         at = [plan.query_starts[i] for i, row in enumerate(sources) if row is not None]
-        ids[_to_device(at, device)] = device_ids[_to_device(rows, device)].to(ids.dtype)
+        ids[to_device(at, device)] = device_ids[to_device(rows, device)].to(ids.dtype)
     return ids

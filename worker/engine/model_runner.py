@@ -213,10 +213,10 @@ class ModelRunner:
         else:
             meta = self.backend.prepare(plan, self.device)
         dev = self.device
-        ids = input_ids if input_ids is not None else _to_device(plan.input_ids, dev)
-        positions = _to_device(plan.positions, dev)
+        ids = input_ids if input_ids is not None else to_device(plan.input_ids, dev)
+        positions = to_device(plan.positions, dev)
         rows = plan.sample_indices + list(extra_rows)
-        sample = None if plan.is_decode and not extra_rows else _to_device(rows, dev)
+        sample = None if plan.is_decode and not extra_rows else to_device(rows, dev)
         return self._forward(ids, positions, meta, sample)
 
     @torch.inference_mode()
@@ -255,6 +255,7 @@ def _measure_capture(capture: Callable[[], None], count: int, device: torch.devi
     return {"graphs": count, "capture_s": round(seconds, 2), "pool_gib": round(pool_gib, 3)}
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """`values` as a long tensor on `device`; on a GPU the copy is queued from pinned memory, not waited for."""
     host = torch.tensor(values, dtype=torch.long)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host

@@ -37,6 +37,13 @@ class ScheduledBatch:
         return sum(self.num_scheduled_tokens)
 
 
+def running_share(uncomputed: int, budget: int, prefill_budget: int) -> int:
+    """Tokens a running sequence computes in a step that has `budget` tokens left: one to decode, or the next
+    chunk of its prompt within the prefill budget too (0: none left for it)."""
+    num_tokens = min(uncomputed, budget)
+    return min(num_tokens, prefill_budget) if num_tokens > 1 else num_tokens
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.max_num_seqs = config.max_num_seqs
@@ -68,18 +75,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget(sum(s.num_uncomputed_tokens == 1 for s in self.running))
+        prefill_budget = self.prefill_budget(sum(s.num_uncomputed_tokens == 1 for s in self.running))
 
         # 1. Running sequences: one decode token each, or the next chunk of an unfinished prefill.
         scheduled: list[Sequence] = []
         candidates = list(self.running)
         while candidates and budget > 0:
             seq = candidates.pop(0)
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if num_tokens > 1:  # the next chunk of a prompt
-                num_tokens = min(num_tokens, prefill_budget)
-                if num_tokens == 0:
-                    continue
+            num_tokens = running_share(seq.num_uncomputed_tokens, budget, prefill_budget)
+            if num_tokens == 0:
+                continue
             while not self.block_manager.can_allocate(seq, num_tokens):
                 # Preempt the newest sequence not yet scheduled in this step; if there is none, this one.
                 victim = candidates.pop() if candidates else seq
@@ -124,7 +129,7 @@ class Scheduler:
             prefill_budget -= num_tokens
         return batch
 
-    def _prefill_budget(self, decoding: int) -> int:
+    def prefill_budget(self, decoding: int) -> int:
         budget = self.max_num_batched_tokens
         if not decoding:
             return budget
@@ -143,7 +148,7 @@ class Scheduler:
         seq = self.waiting[0]
         decoding = len(self.running)
         reused = self.block_manager.cached_prefix_tokens(seq)
-        chunk = min(seq.num_tokens - reused, self.max_num_batched_tokens - decoding, self._prefill_budget(decoding))
+        chunk = min(seq.num_tokens - reused, self.max_num_batched_tokens - decoding, self.prefill_budget(decoding))
         needed = -(-(reused + chunk) // self.block_manager.block_size) - reused // self.block_manager.block_size
         room = self.block_manager.num_free_blocks - (self.watermark_blocks if self.running else 0)
         return needed <= room

@@ -53,10 +53,18 @@ PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
 # The gateway and the worker reach the embedded Redis through its Unix socket, as `codestream serve`'s do;
 # CODESTREAM_BENCH_REDIS_SOCKET=0: through TCP loopback, as across hosts (runs before 2026-11-26 10:00 UTC).
 # CODESTREAM_BUSY_POLL_US, when set, reaches both processes (their --busy-poll-us).
+# CODESTREAM_BENCH_GATEWAY_<NAME>=v / CODESTREAM_BENCH_WORKER_<NAME>=v: CODESTREAM_<NAME>=v for that process
+# only (e.g. CODESTREAM_BENCH_GATEWAY_BUSY_POLL_US=100000: the gateway busy-polls, the worker does not).
 REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET", "1") == "1"
 # CODESTREAM_BENCH_CPU_LATENCY_US=N: hold a PM QoS request of N us for the whole run (benchmarks/cpu_idle.py),
 # engine alone included, so that idle CPUs of a virtual machine poll instead of leaving the guest.
 CPU_LATENCY_US = os.environ.get("CODESTREAM_BENCH_CPU_LATENCY_US")
+
+
+def own_settings(process_name: str) -> dict[str, str]:
+    """The CODESTREAM_BENCH_<PROCESS>_<NAME> variables, as the CODESTREAM_<NAME> settings of that process."""
+    prefix = f"CODESTREAM_BENCH_{process_name.upper()}_"
+    return {"CODESTREAM_" + k.removeprefix(prefix): v for k, v in os.environ.items() if k.startswith(prefix)}
 
 
 def log(message: str) -> None:
@@ -262,6 +270,8 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
         worker_env = common | {env_name(k): v for k, v in worker_settings(args).items()}
         metrics_port = free_port()  # the worker's own account of its engine's time (worker/metrics.py)
         worker_env[env_name("metrics_port")] = str(metrics_port)
+        gateway_env |= own_settings("gateway")
+        worker_env |= own_settings("worker")
         gc_ports = {"gateway": gateway_metrics, "worker": metrics_port}
         gateway_cmd = [PYTHON, "-m", "codestream.cli", "gateway"]
         worker_cmd = [PYTHON, "-m", "codestream.cli", "worker"]
@@ -299,6 +309,7 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
     results["pinned"] = cpu_plan() if PIN else {}
     results["redis_url"] = url
     results["busy_poll_us"] = int(os.environ.get("CODESTREAM_BUSY_POLL_US", "0"))
+    results["own_settings"] = {name: own_settings(name) for name in ("gateway", "worker")}
     return results
 
 

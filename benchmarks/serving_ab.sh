@@ -9,12 +9,12 @@
 # (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
 # REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs,
 # SWEEP: its sweep's concurrencies (a variant may set either: ALT_ENV="REP_PHASES=w1,sweep");
-# HOPS=0: no instrumented probe; NEW=0: no first full run (new/), the repeats only.
-# Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops}/ (JSON; hops/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
+# HOPS=0: no instrumented probe (HOPS=N: N, and N of the baseline's); NEW=0: no first full run (new/), the repeats only.
+# Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops,basehops}/ (JSON; hops*/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
 IFS=';' read -ra ALTS <<< "${ALT_ENV:-}"
-mkdir -p "$R"/new "$R"/hops
+mkdir -p "$R"/new
 for r in $(seq 1 "${REPEATS:-2}"); do
   mkdir -p "$R"/rep$r
   [ -d "$BASE" ] && mkdir -p "$R"/base$r
@@ -40,14 +40,25 @@ for r in $(seq 1 "${REPEATS:-2}"); do
     restore
   fi
 done
-if [ "${HOPS:-1}" = 1 ]; then
-  python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* .
-  env ${HOPS_ENV:-} CODESTREAM_HOPS=1 OUT=$R/hops SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
-  python3 -m benchmarks.ttft_hops report "$R"/hops/serving-gateway.log "$R"/hops/serving-worker.log "$R"/hops/serving.log | tee "$R"/hops/hops.txt
+# Hop timestamps: this checkout's (hops, hops2, ...) and, with a baseline, the baseline's instrumented the
+# same way (basehops, ...), interleaved; HOPS=N: N of each (the anchors must match the baseline's files too).
+hops() {  # NAME: instrument what is checked out now, run the TTFT probe, print the hop table
+  python3 -m benchmarks.ttft_hops instrument /tmp/hops-overlay && cp -r /tmp/hops-overlay/* . && rm -rf /tmp/hops-overlay
+  mkdir -p "$R/$1"
+  env ${HOPS_ENV:-} CODESTREAM_HOPS=1 OUT=$R/$1 SERVING_ARGS="--phases ttft $SHAPE" bash benchmarks/device_run.sh serving | tail -3
+  python3 -m benchmarks.ttft_hops report "$R/$1"/serving-gateway.log "$R/$1"/serving-worker.log "$R/$1"/serving.log | tee "$R/$1"/hops.txt
   restore
-fi
+}
+for h in $(seq 1 "${HOPS:-1}"); do
+  suffix=$([ "$h" = 1 ] || echo "$h")
+  hops hops$suffix
+  if [ -n "${HOPS_ALTS:-}" ]; then  # HOPS_ALTS=1: each variant too (alt<variant>hops)
+    for i in "${!ALTS[@]}"; do (export ${ALTS[$i]}; hops alt$((i + 1))hops$suffix); done
+  fi
+  if [ -d "$BASE" ]; then cp -r "$BASE"/* . && hops basehops$suffix; fi
+done
 rm -rf "$pristine"
-rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops,rep*,alt*,base*}/serving.log
+rm -f "$R"/*/serving-gateway.log "$R"/*/serving-worker.log "$R"/{hops*,rep*,alt*,base*}/serving.log
 ls -R "$R"
 # One line per stack instance: its low-load TTFT median and what it adds over the engine alone (measured in new/).
 python3 - "$R" "${ALT_ENV:-}" <<'PY'
@@ -68,12 +79,13 @@ for name in names:
         own = report.get("engine", {}).get("ttft_ms", {}).get("median", engine)
         qos = report["machine"].get("pm_qos_request_us")
         line = f"{name:6s} PM QoS {qos!s:>10s} us"
-        if "ttft" in service and own is not None:
+        if "ttft" in service:
             ttft = service["ttft"]["summary"]["ttft_ms"]["median"]
-            line += f"  engine {own:7.3f}  TTFT median {ttft:7.3f} ms  added {ttft - own:6.3f} ms"
+            line += f"  engine {own or 0:7.3f}  TTFT median {ttft:7.3f} ms"
+            line += f"  added {ttft - own:6.3f} ms" if own is not None else ""
         if "ttft_sync_client" in service:
             sync = service["ttft_sync_client"]["summary"]["ttft_ms"]["median"]
-            line += f"  | sync client {sync:7.3f} ms  added {sync - own:6.3f} ms"
+            line += f"  | sync client {sync:7.3f} ms" + (f"  added {sync - own:6.3f} ms" if own is not None else "")
         if "w1" in service:
             w1 = service["w1"]["summary"]["output_throughput"]
             line += f"  | W1 {w1:,.1f} tok/s"

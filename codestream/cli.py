@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import run_gateway
 
         config = settings.load(GatewayConfig, args)
-        with asyncio.Runner(loop_factory=busy_poll.loop_factory(config.busy_poll_us)) as runner:
+        factory = busy_poll.loop_factory(config.busy_poll_us, config.first_token_poll_us)
+        with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
         return 0
     if args.command == "worker":

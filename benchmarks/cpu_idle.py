@@ -9,6 +9,10 @@ not the service's: this module only describes the machine and holds the request 
 
     python -m benchmarks.cpu_idle                      # describe the idle driver, its states, the request
     python -m benchmarks.cpu_idle --hold 0             # hold a 0 us request until killed
+
+Where the guest has no cpuidle driver (the lent H100's), the request changes nothing: its idle CPUs halt
+whatever it says. codestream/idle_spin.py keeps them from halting another way (`codestream serve
+--spin-idle-cpus`; the serving benchmark's CODESTREAM_BENCH_SPIN_IDLE).
 """
 
 from __future__ import annotations

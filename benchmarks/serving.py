@@ -36,7 +36,7 @@ from typing import Any
 
 from benchmarks import cpu_idle, hiccups
 from benchmarks.serving_report import cpu_times, load_line, machine, print_table, targets
-from codestream import gc_pauses
+from codestream import gc_pauses, idle_spin
 from codestream.bench import Options, bench, load_prompts
 from codestream.redis_server import EmbeddedRedis, free_port
 from codestream.settings import env_name
@@ -59,6 +59,9 @@ REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET", "1") == "1"
 # CODESTREAM_BENCH_CPU_LATENCY_US=N: hold a PM QoS request of N us for the whole run (benchmarks/cpu_idle.py),
 # engine alone included, so that idle CPUs of a virtual machine poll instead of leaving the guest.
 CPU_LATENCY_US = os.environ.get("CODESTREAM_BENCH_CPU_LATENCY_US")
+# CODESTREAM_BENCH_SPIN_IDLE=yield|spin: every CPU's idle time spent spinning at SCHED_IDLE for the whole run,
+# engine alone included (codestream/idle_spin.py, as `codestream serve --spin-idle-cpus`).
+SPIN_IDLE = os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", "")
 
 
 def own_settings(process_name: str) -> dict[str, str]:
@@ -75,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine_only:
         return engine_only(args)
-    if CPU_LATENCY_US is None:
-        return run(args)
-    with cpu_idle.hold(int(CPU_LATENCY_US)) as held:
-        log(f"PM QoS request of {CPU_LATENCY_US} us held: {held}")
+    with contextlib.ExitStack() as held:
+        if CPU_LATENCY_US is not None:
+            log(f"PM QoS request of {CPU_LATENCY_US} us held: {held.enter_context(cpu_idle.hold(int(CPU_LATENCY_US)))}")
+        if SPIN_IDLE:
+            spinners = held.enter_context(idle_spin.spinning(mode=SPIN_IDLE))
+            log(f"idle CPUs spin: {len(spinners)} SCHED_IDLE spinners ({SPIN_IDLE})")
         return run(args)
 
 

@@ -52,6 +52,8 @@ def machine() -> dict[str, Any]:
         "kernel": idle["kernel"],
         "idle_driver": idle["idle_driver"],
         "pm_qos_request_us": idle["pm_qos_request_us"],
+        "idle_cpus_spin": os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", ""),  # (serving.py, SPIN_IDLE)
+        "cpu0_siblings": _first_line("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
     }
     with contextlib.suppress(Exception):
         import torch
@@ -64,6 +66,12 @@ def machine() -> dict[str, Any]:
 
         info["grpcio"] = grpc.__version__
     return info
+
+
+def _first_line(path: str) -> str:
+    with contextlib.suppress(OSError), open(path) as f:
+        return f.readline().strip()
+    return ""
 
 
 def cpu_info() -> list[str]:

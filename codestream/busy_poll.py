@@ -7,11 +7,6 @@ loop is kept busy gets the same message that much sooner). A loop that polls wit
 `spin_s` after its last ready event is awake when the next request comes, at the price of one CPU core
 kept busy meanwhile: the idea of Linux's SO_BUSY_POLL, applied to the event loop.
 
-A narrower mode polls only while a request waits for its first token (`hold()`, the gateway's
-`--first-token-poll-us`): from its admission until its first token is relayed, the loop polls for up to
-that long after its last I/O. The admission's reply and the first token's message then find the gateway
-awake, and an idle gateway, or one whose streams are all past their first token, sleeps as usual.
-
 Spinning holds the GIL between polls, and CPython hands it to a waiting thread only after its switch
 interval (5 ms): a thread that needs it, like the worker's engine thread mid-step, would stall. So a loop
 that waits on such a thread pauses the spinning meanwhile (`paused()`), and sleeps as a plain loop does.
@@ -23,15 +18,13 @@ import asyncio
 import contextlib
 import selectors
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 
 class SpinningSelector(selectors.DefaultSelector):
-    def __init__(self, spin_s: float, hold_spin_s: float = 0.0) -> None:
+    def __init__(self, spin_s: float) -> None:
         super().__init__()
         self.spin_s = spin_s
-        self.hold_spin_s = hold_spin_s  # the window while something holds the loop awake (hold())
-        self.holds = 0
         self.pauses = 0  # > 0: sleep as usual (see the module's note on the GIL)
         self.last_active = time.monotonic()
 
@@ -41,8 +34,7 @@ class SpinningSelector(selectors.DefaultSelector):
         else:
             now = time.monotonic()
             limit = None if timeout is None else now + timeout
-            window = max(self.spin_s, self.hold_spin_s) if self.holds else self.spin_s
-            spin_until = self.last_active + window if limit is None else min(limit, self.last_active + window)
+            spin_until = self.last_active + self.spin_s if limit is None else min(limit, self.last_active + self.spin_s)
             ready = []
             while now < spin_until:
                 ready = super().select(0)
@@ -57,53 +49,23 @@ class SpinningSelector(selectors.DefaultSelector):
 
 
 class BusyPollLoop(asyncio.SelectorEventLoop):
-    def __init__(self, spin_us: int, hold_spin_us: int = 0) -> None:
-        self.spinning = SpinningSelector(spin_us / 1e6, hold_spin_us / 1e6)
+    def __init__(self, spin_us: int) -> None:
+        self.spinning = SpinningSelector(spin_us / 1e6)
         super().__init__(self.spinning)
 
 
-def loop_factory(spin_us: int, hold_spin_us: int = 0):
-    """For asyncio.Runner / asyncio.run: a busy-polling loop when either window is > 0 (spin_us: always;
-    hold_spin_us: while held, see hold()), else the default loop."""
-    if spin_us <= 0 and hold_spin_us <= 0:
+def loop_factory(spin_us: int):
+    """For asyncio.Runner / asyncio.run: a busy-polling loop when spin_us > 0, else the default loop."""
+    if spin_us <= 0:
         return asyncio.new_event_loop
-    return lambda: BusyPollLoop(max(spin_us, 0), max(hold_spin_us, 0))
-
-
-def _running_selector() -> SpinningSelector | None:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # (no loop runs: nothing to keep awake)
-        return None
-    return loop.spinning if isinstance(loop, BusyPollLoop) else None
-
-
-def hold() -> Callable[[], None]:
-    """Keep the running loop polling (its hold window after its last I/O) until the returned function is
-    called; calling it again does nothing. On a loop that does not busy-poll, nothing happens."""
-    selector = _running_selector()
-    if selector is None:
-        return _nothing
-    selector.holds += 1
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            selector.holds -= 1
-
-    return release
-
-
-def _nothing() -> None:
-    pass
+    return lambda: BusyPollLoop(spin_us)
 
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
     """While inside, the running loop (if it busy-polls) sleeps in epoll as a plain loop does."""
-    selector = _running_selector()
+    loop = asyncio.get_running_loop()
+    selector = loop.spinning if isinstance(loop, BusyPollLoop) else None
     if selector is None:
         yield
         return

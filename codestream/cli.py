@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         help="HTTP API port (the model card's /score, OpenAI-compatible /v1/...) (env CODESTREAM_HTTP_PORT); 0: off",
     )  # fmt: skip
     serve.add_argument("--device", default="auto", help="worker device: cuda, cpu or auto")
+    serve.add_argument(
+        "--spin-idle-cpus", action="store_true",
+        help="keep the host's idle CPUs polling, not halting (a lowest-priority spinner per CPU): about 1 ms off "
+        "each first token on a virtual machine whose idle vCPUs halt; every idle CPU at 100 %% (see idle_spin.py)",
+    )  # fmt: skip
 
     gw = commands.add_parser("gateway", help="the gRPC gateway alone")
     settings.add_flags(gw, GatewayConfig)
@@ -64,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import run_gateway
 
         config = settings.load(GatewayConfig, args)
-        factory = busy_poll.loop_factory(config.busy_poll_us, config.first_token_poll_us)
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=busy_poll.loop_factory(config.busy_poll_us)) as runner:
             runner.run(run_gateway(config, resolve_model(config.model, with_weights=False)))
         return 0
     if args.command == "worker":

@@ -8,6 +8,7 @@ loopback (`python -m benchmarks.wakeups`), and nothing else on the host can reac
 
 The model is resolved (the demo model built) once, up front, so both children find it ready. If any
 child exits, the others are stopped; Ctrl-C / SIGTERM drains the gateway, then the worker.
+--spin-idle-cpus keeps the host's idle CPUs from halting while the stack runs (codestream/idle_spin.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from codestream import idle_spin
 from codestream.models import resolve_model
 from codestream.redis_server import EmbeddedRedis
 
@@ -30,6 +32,14 @@ log = structlog.get_logger("serve")
 
 
 def serve_stack(args: argparse.Namespace) -> int:
+    if not args.spin_idle_cpus:
+        return _serve(args)
+    with idle_spin.spinning() as spinners:
+        log.info("idle_cpus_spinning", cpus=len(spinners))
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
     log.info("model_ready", model=args.model, path=model_dir)
     embedded = None

@@ -48,9 +48,6 @@ class GatewayConfig:
     busy_poll_us: int = setting(
         0, "poll the event loop this long after its last I/O, not sleep (a busy core; ~0.05 ms a hop); 0: off"
     )
-    first_token_poll_us: int = setting(
-        0, "while a request waits for its first token, poll the event loop up to this long after its last I/O; 0: off"
-    )
     outage_bound_s: float = setting(10.0, "how long a stream waits for Redis to come back before UNAVAILABLE")
     disconnect_grace_s: float = setting(
         0.0, "after a client disconnects, how long its job keeps running for a Resume before it is cancelled"

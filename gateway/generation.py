@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import grpc
 import structlog
 from redis.exceptions import RedisError
 
-from codestream import busy_poll, tracing
+from codestream import tracing
 from gateway import event_log
 from gateway.router import Inbox
 from gateway.validation import ResolvedRequest
@@ -59,8 +59,6 @@ class Generation:
     last_event_at: float = field(default_factory=time.monotonic)
     accepted_at: float = field(default_factory=time.monotonic)
     last_token_at: float = 0.0
-    # Until its first token is relayed, the request keeps the loop polling (codestream/busy_poll.py, hold()).
-    awake: Callable[[], None] = field(default_factory=busy_poll.hold)
 
     async def events(self) -> AsyncIterator[api.GenerateEvent]:
         """Queued, then the worker's events in seq order, ending with Finished or Error. Pub/sub is
@@ -111,7 +109,6 @@ class Generation:
             if (out := self._accept(event)) is not None:
                 if out.HasField("tokens"):
                     self._merge_waiting(out)
-                    self.awake()
                 yield out
 
     def _merge_waiting(self, event: api.GenerateEvent) -> None:
@@ -255,7 +252,6 @@ class Generation:
         if self.closed:
             return
         self.closed = True
-        self.awake()
         owner = self.owner
         log.info(
             "request_ended", request_id=self.request_id, finished=self.finished,

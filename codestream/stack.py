@@ -36,6 +36,8 @@ def serve_stack(args: argparse.Namespace) -> int:
         return _serve(args)
     with idle_spin.spinning() as spinners:
         log.info("idle_cpus_spinning", cpus=len(spinners))
+        if idle_spin.smt_active():
+            log.warning("idle_cpus_spinning_with_smt", effect="a spinner slows the thread on its core's sibling")
         return _serve(args)
 
 

@@ -59,6 +59,9 @@ def smt_active() -> bool:
 
 def spin(parent: int, mode: str, cpu: int) -> None:
     """A spinner's life: on `cpu`, at SCHED_IDLE, until `parent` is gone."""
+    # Ctrl-C reaches the whole foreground process group: the parent stops its spinners itself, and a dozen
+    # KeyboardInterrupt tracebacks would bury its own shutdown log.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # (Linux only; the parent check below still ends it)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:

@@ -42,7 +42,9 @@ def test_a_spinner_per_cpu_at_the_lowest_priority_while_the_block_runs(mode: str
         for spinner, cpu in zip(spinners, cpus, strict=True):
             assert wait_until(lambda s=spinner: os.sched_getscheduler(s.pid) == os.SCHED_IDLE)
             assert os.sched_getaffinity(spinner.pid) == {cpu}
-            assert spinner.poll() is None
+            spinner.send_signal(signal.SIGINT)  # (Ctrl-C in a terminal: the parent stops them, not the signal)
+        time.sleep(0.2)
+        assert all(spinner.poll() is None for spinner in spinners)
     assert all(spinner.poll() is not None for spinner in spinners)
 
 

@@ -57,6 +57,19 @@ def smt_active() -> bool:
         return False
 
 
+def idle_cpus_halt_in_a_vm(
+    idle_driver: Path = Path("/sys/devices/system/cpu/cpuidle/current_driver"), cpuinfo: Path = Path("/proc/cpuinfo")
+) -> bool:
+    """Whether this is a virtual machine (the CPUs' `hypervisor` flag) whose idle CPUs halt with nothing to
+    soften it: no cpuidle driver (haltpoll, where the guest has it, polls a while before halting)."""
+    try:
+        driver = idle_driver.read_text().strip() if idle_driver.exists() else "none"
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return driver == "none" and "hypervisor" in flags.split()
+
+
 def spin(parent: int, mode: str, cpu: int) -> None:
     """A spinner's life: on `cpu`, at SCHED_IDLE, until `parent` is gone."""
     # Ctrl-C reaches the whole foreground process group: the parent stops its spinners itself, and a dozen

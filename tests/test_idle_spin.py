@@ -67,3 +67,21 @@ def test_a_spinner_dies_with_the_process_that_started_it() -> None:
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode"), idle_spin.spinning(mode="hlt"):
         pass
+
+
+@pytest.mark.parametrize(
+    ("driver", "flags", "halting"),
+    [
+        ("none", "fpu sse2 hypervisor avx2", True),  # the lent H100's guests
+        (None, "fpu hypervisor", True),  # no cpuidle directory at all
+        ("haltpoll", "fpu hypervisor", False),  # polls a while before it halts
+        ("none", "fpu sse2 avx2", False),  # bare metal
+    ],
+)
+def test_which_hosts_get_the_hint_to_spin(tmp_path: Path, driver: str | None, flags: str, halting: bool) -> None:
+    idle_driver = tmp_path / "current_driver"
+    if driver is not None:
+        idle_driver.write_text(driver + "\n")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert idle_spin.idle_cpus_halt_in_a_vm(idle_driver, cpuinfo) is halting

@@ -9,8 +9,9 @@
 # (base1, base2); BASE_ENV: the baseline's environment; HOPS_ENV: the instrumented probe's.
 # REPEATS (default 2): how many of each of those probes; REP_PHASES (default ttft): what each probe runs,
 # SWEEP: its sweep's concurrencies (a variant may set either: ALT_ENV="REP_PHASES=w1,sweep");
-# HOPS=0: no instrumented probe (HOPS=N: N, and N of the baseline's); NEW=0: no first full run (new/), the repeats only.
-# Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops,basehops}/ (JSON; hops*/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
+# HOPS=0: no instrumented probe (HOPS=N: N, and N of the baseline's; HOPS_ALTS=1: N of each variant too);
+# NEW=0: no first full run (new/), the repeats only.
+# Results: $OUT/{new,rep1,rep2,alt1r1,...,base1,base2,hops,basehops,alt1hops}/ (JSON; *hops*/hops.txt). SHAPE=--quick SERVING_SHAPE=tiny: a CPU dry run.
 set -u
 R=${OUT:-/tmp/serving-ab}; SHAPE=${SHAPE:-}; BASE=${BASE:-ab-base}
 IFS=';' read -ra ALTS <<< "${ALT_ENV:-}"

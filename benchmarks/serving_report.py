@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cpu_idle
+from codestream import idle_spin
 
 
 def cpu_times() -> dict[str, float]:
@@ -52,6 +53,7 @@ def machine() -> dict[str, Any]:
         "kernel": idle["kernel"],
         "idle_driver": idle["idle_driver"],
         "pm_qos_request_us": idle["pm_qos_request_us"],
+        "idle_cpus_halt_in_a_vm": idle_spin.idle_cpus_halt_in_a_vm(),  # (wake-ups go through the hypervisor)
         "idle_cpus_spin": os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", ""),  # (serving.py, SPIN_IDLE)
         "cpu0_siblings": _first_line("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
     }

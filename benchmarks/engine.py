@@ -51,8 +51,8 @@ from benchmarks.engine_setup import (
     model_facts,
 )
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
-from worker.engine.engine import StepTiming
 from worker.engine.model_runner import resolve_device, resolve_dtype
+from worker.engine.outputs import StepTiming
 
 WORKLOAD_NAMES = ("w1", "s1", "t1")
 _T0 = time.perf_counter()

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.engine_setup import build_model, build_vocab_tokenizer
 from benchmarks.prefill_modes import one_step
 from worker.engine import EngineConfig, LLMEngine, SamplingParams
-from worker.engine.engine import StepTiming
+from worker.engine.outputs import StepTiming
 
 
 def steady_state(engine: LLMEngine, streams: int, prompt: int, warm_steps: int, steps: int) -> dict:

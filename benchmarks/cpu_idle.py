@@ -31,7 +31,7 @@ CPU0_STATES = Path("/sys/devices/system/cpu/cpu0/cpuidle")
 PM_QOS = "/dev/cpu_dma_latency"
 
 
-def _read(path: Path) -> str | None:
+def read_value(path: Path) -> str | None:
     try:
         return path.read_text().strip()
     except OSError:
@@ -44,11 +44,11 @@ def idle_states() -> list[dict]:
     for state in sorted(CPU0_STATES.glob("state*")):
         states.append(
             {
-                "name": _read(state / "name"),
-                "latency_us": _read(state / "latency"),
-                "usage": int(_read(state / "usage") or 0),
-                "time_us": int(_read(state / "time") or 0),
-                "disabled": _read(state / "disable"),
+                "name": read_value(state / "name"),
+                "latency_us": read_value(state / "latency"),
+                "usage": int(read_value(state / "usage") or 0),
+                "time_us": int(read_value(state / "time") or 0),
+                "disabled": read_value(state / "disable"),
             }
         )
     return states
@@ -68,10 +68,10 @@ def describe() -> dict:
     return {
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
-        "idle_driver": _read(CPUIDLE / "current_driver"),
-        "idle_governor": _read(CPUIDLE / "current_governor") or _read(CPUIDLE / "current_governor_ro"),
-        "cmdline": _read(Path("/proc/cmdline")),
-        "haltpoll_ns": _read(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")),
+        "idle_driver": read_value(CPUIDLE / "current_driver"),
+        "idle_governor": read_value(CPUIDLE / "current_governor") or read_value(CPUIDLE / "current_governor_ro"),
+        "cmdline": read_value(Path("/proc/cmdline")),
+        "haltpoll_ns": read_value(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")),
         "pm_qos_device": os.path.exists(PM_QOS),
         "pm_qos_request_us": current_request_us(),
         "states": idle_states(),

@@ -55,7 +55,7 @@ def machine() -> dict[str, Any]:
         "pm_qos_request_us": idle["pm_qos_request_us"],
         "idle_cpus_halt_in_a_vm": idle_spin.idle_cpus_halt_in_a_vm(),  # (wake-ups go through the hypervisor)
         "idle_cpus_spin": os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", ""),  # (serving.py, SPIN_IDLE)
-        "cpu0_siblings": _first_line("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
+        "cpu0_siblings": cpu_idle.read_value(Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")) or "",
     }
     with contextlib.suppress(Exception):
         import torch
@@ -68,12 +68,6 @@ def machine() -> dict[str, Any]:
 
         info["grpcio"] = grpc.__version__
     return info
-
-
-def _first_line(path: str) -> str:
-    with contextlib.suppress(OSError), open(path) as f:
-        return f.readline().strip()
-    return ""
 
 
 def cpu_info() -> list[str]:

@@ -193,7 +193,8 @@ TOKEN_HOPS = ["w_step_back", "w_emit_call", "w_emit_done", "g_dispatch", "g_yiel
 
 
 def read_hops(logs: list[Path]) -> dict[str, dict[str, list[float]]]:
-    """Each request's times at each hop, in the order written (a stamped name keeps its own time aside)."""
+    """Each request's times at each hop, in the order written (a stamped name, `g_recv@<time>`, counts at the
+    time it was written: `report` is what reads the stamp)."""
     times: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for path in logs:
         for line in path.read_text(errors="replace").splitlines():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger parity32-chunks prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger parity32-chunks prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step jit-compiles serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,6 +46,7 @@ for step in $steps; do
     skinny-gemm) timeout 500 python3 -m benchmarks.skinny_gemm 2>&1 | tee "$OUT/skinny-gemm.log" | tail -45 ;;
     serving) timeout 570 python3 -m benchmarks.serving --shape ${SERVING_SHAPE:-codellama-7b} --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 ;;
     step-trace) timeout 400 python3 -m benchmarks.step_trace --out "$OUT/step-trace.json" ${TRACE_ARGS:-} 2>&1 | tee "$OUT/step-trace.log" | tail -40 ;;
+    jit-compiles) timeout 500 python3 -m benchmarks.jit_compiles --out "$OUT" 2>&1 | tee "$OUT/jit-compiles.log" | grep -v "^\[" | tail -20 ;;
     mixed-step) timeout 300 python3 -m benchmarks.mixed_step 2>&1 | tee "$OUT/mixed-step.log" | grep -v "^\[" | tail -80 ;;
     engine-peers) timeout 540 python3 -m benchmarks.engine --shape codellama-7b --out "$OUT" 2>&1 | tee "$OUT/engine-peers.log" | tail -40 ;;
   esac

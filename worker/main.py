@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import signal
 import socket
@@ -73,6 +74,8 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         # ms per pass over each weight shape at 1-32 rows (our Triton kernels vs cuBLAS; the faster one runs).
         products=worker.engine.runner.product_timings or None,
         graphs=worker.engine.runner.graph_stats or None,
+        # Every kind of step the graphs do not cover, run once so that nothing compiles while serving.
+        warm_up=dataclasses.asdict(worker.engine.warm_up_report) if worker.engine.warm_up_report else None,
     )
     worker.metrics.serve(config.metrics_port)
     # The model, tokenizer and graphs are built and live for good: move them out of the collector's view, so

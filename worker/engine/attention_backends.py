@@ -19,6 +19,9 @@ import torch
 from worker.engine import attention as torch_attention
 from worker.engine.step_inputs import CopyFence, StepPlan, write_block_tables
 
+# Eager steps' block tables are this many entries wide, or a multiple of it (TritonBackend.prepare).
+TABLE_WIDTH_MULTIPLE = 16
+
 
 def _device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=dtype)
@@ -119,7 +122,13 @@ class TritonBackend:
 
     def prepare(self, plan: StepPlan, device: torch.device) -> PrefillMetadata:
         block_size = self.k_caches[0].shape[1]
-        width = max(-(-n // block_size) for n in plan.context_lens)
+        # The tables' row stride is a kernel argument, and Triton compiles a variant of a kernel per class of
+        # integer argument (1, a multiple of 16, other): a width that follows the step's longest context would
+        # compile new variants in the middle of serving (0.6-1.6 s each on a cold cache, benchmarks/
+        # jit_compiles.py). Rounded up to a multiple of 16, every eager step takes the one variant that the
+        # start-up warm-up compiles.
+        blocks = max(-(-n // block_size) for n in plan.context_lens)
+        width = -(-blocks // TABLE_WIDTH_MULTIPLE) * TABLE_WIDTH_MULTIPLE
         tables = torch.zeros(plan.num_seqs, width, dtype=torch.int32)
         write_block_tables(tables.numpy(), plan, block_size)
         block_m = self.prefill_ops.prefill_block_m(self.k_caches[0].dtype)

@@ -53,6 +53,8 @@ class EngineConfig:
     # Launch a decode step before the previous one's tokens are read, when nothing but a sequence ending
     # can change the batch (lookahead.py): the GPU no longer waits for the host's bookkeeping between steps.
     decode_lookahead: bool = True
+    # On CUDA, run every kind of step once at start-up (warm_up.py), so that no kernel compiles while serving.
+    warm_up: bool = True
     # Benchmark stand-ins: random weights of the directory's config.json instead of loading weight files.
     random_weights: bool = False
     # Fault injection for tests: a step whose input contains this token id raises (-1: off).

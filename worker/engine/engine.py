@@ -39,6 +39,7 @@ from worker.engine.scheduler import ScheduledBatch, Scheduler
 from worker.engine.sequence import FinishReason, Sequence, SequenceStatus, sample_key
 from worker.engine.step_inputs import plan_step, prompt_logprob_spans
 from worker.engine.tokenizer import load_tokenizer
+from worker.engine.warm_up import WarmUpReport, warm_up
 
 
 class LLMEngine:
@@ -51,16 +52,18 @@ class LLMEngine:
         self.eos_token_id: int | None = self.runner.hf_config.eos_token_id
         if isinstance(self.eos_token_id, list):  # some configs list several; Llama has one
             self.eos_token_id = self.eos_token_id[0]
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self._fresh_bookkeeping()
         self.sampler = Sampler(self.runner.device, self.eos_token_id)
         self.sequences: dict[str, Sequence] = {}  # by Sequence.key
         self.forks: dict[str, int] = {}  # first sample's key -> samples it forks into after its prefill
-        self.step_timing = StepTiming()
         self._ahead: LaunchedStep | None = None  # a decode step launched before the previous one was read
         # Not under fault injection: its check reads a step's input ids on the host, which a step launched
         # ahead does not have.
         self._lookahead = config.decode_lookahead and config.fault_poison_token_id < 0
+        # Compiles happen on CUDA only (Triton); elsewhere there is nothing to warm.
+        self.warm_up_report: WarmUpReport | None = None
+        if config.warm_up and self.runner.device.type == "cuda":
+            self.warm_up_report = warm_up(self)
 
     @property
     def max_model_len(self) -> int:
@@ -147,6 +150,19 @@ class LLMEngine:
             seq.finish_reason = FinishReason.ABORTED
             outputs.append(self._output(seq, [], [], ""))
         return outputs
+
+    def reset(self) -> None:
+        """Forget every cached prefix, count and timing: the engine as just built, its model, KV memory, graphs
+        and compiled kernels kept (after warm_up.py's requests). The engine must be idle."""
+        if self.has_unfinished() or self.sequences:
+            raise RuntimeError("reset needs an idle engine")
+        self._fresh_bookkeeping()
+
+    def _fresh_bookkeeping(self) -> None:
+        config = self.config
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.step_timing = StepTiming()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._ahead is not None

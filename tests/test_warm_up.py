@@ -3,6 +3,7 @@ leaves the engine as it found it."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,13 @@ def test_warm_up_takes_the_steps_the_graphs_do_not_cover(demo_model_dir: Path) -
     assert any(p.is_decode for p, _, _ in steps)
     # Steps of contexts from 1 to 4 blocks, all with one stride class: one compiled variant per kernel.
     assert strides and all(stride % 16 == 0 for stride in strides), strides
+
+
+def test_warm_up_keeps_clear_of_the_fault_injection_token(demo_model_dir: Path) -> None:
+    """Under fault injection a step whose input holds the poison token raises; the warm-up's prompts never
+    hold it (here: the first token its random prompts would draw)."""
+    vocab = make_engine(demo_model_dir, num_blocks=64).vocab_size
+    poison = random.Random(0).randrange(vocab)
+    engine = make_engine(demo_model_dir, num_blocks=256, fault_poison_token_id=poison)
+    warm_up(engine)
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks

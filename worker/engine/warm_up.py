@@ -6,7 +6,9 @@ graphs' largest size (a burst of prompts, a long prompt with nothing else runnin
 prompt logprobs (extra logits rows), with or without decodes beside them. On a machine whose Triton cache
 is cold (a fresh pod) each such compile took 0.6-1.6 s on an H100, and every running stream waited for it:
 a burst of 256 prompts (W1) as a fresh engine's first work compiled 3 kernels in 3.2 s, and ran at 3,170
-tok/s against 3,815 with every kernel compiled before (run 81, `python -m benchmarks.jit_compiles`).
+tok/s against 3,815 with every kernel compiled before (run 81, `python -m benchmarks.jit_compiles`). With
+this warm-up, and eager block tables of one width class (attention_backends.py), nothing compiles while
+serving (run 82).
 
 How: a handful of requests through the engine's own add/step, so that the warm-up takes the same paths as
 real traffic rather than an imitation of them; then the engine's bookkeeping is rebuilt (engine.reset), so
@@ -53,8 +55,11 @@ def warm_up(engine: LLMEngine) -> WarmUpReport:
     started = time.perf_counter()
     rng = random.Random(0)
 
+    poison = engine.config.fault_poison_token_id  # (fault injection: a step with it raises)
+
     def prompt(length: int) -> list[int]:
-        return [rng.randrange(engine.vocab_size) for _ in range(length)]
+        ids = (rng.randrange(engine.vocab_size) for _ in range(length))
+        return [(t + 1) % engine.vocab_size if t == poison else t for t in ids]
 
     def greedy(new_tokens: int, **kw) -> SamplingParams:
         return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **kw)

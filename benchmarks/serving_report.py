@@ -55,6 +55,7 @@ def machine() -> dict[str, Any]:
         "pm_qos_request_us": idle["pm_qos_request_us"],
         "idle_cpus_halt_in_a_vm": idle_spin.idle_cpus_halt_in_a_vm(),  # (wake-ups go through the hypervisor)
         "idle_cpus_spin": os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", ""),  # (serving.py, SPIN_IDLE)
+        "processes_pinned": os.environ.get("CODESTREAM_BENCH_PIN") == "1",  # (serving.py, PIN)
         "cpu0_siblings": cpu_idle.read_value(Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")) or "",
     }
     with contextlib.suppress(Exception):

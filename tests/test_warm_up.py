@@ -117,3 +117,10 @@ def test_warm_up_keeps_clear_of_the_fault_injection_token(demo_model_dir: Path) 
     engine = make_engine(demo_model_dir, num_blocks=256, fault_poison_token_id=poison)
     warm_up(engine)
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_warm_up_fits_a_small_context(demo_model_dir: Path) -> None:
+    """--max-model-len 24: every warm-up request is cut to fit (none may be refused at start-up)."""
+    engine = make_engine(demo_model_dir, num_blocks=64, max_model_len=24)
+    report = warm_up(engine)
+    assert report.requests == 6 and report.long_prompt_tokens <= 24

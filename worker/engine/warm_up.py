@@ -58,6 +58,8 @@ def warm_up(engine: LLMEngine) -> WarmUpReport:
     poison = engine.config.fault_poison_token_id  # (fault injection: a step with it raises)
 
     def prompt(length: int) -> list[int]:
+        # (Within a small --max-model-len too: the requests below ask for up to 8 new tokens.)
+        length = max(1, min(length, engine.max_model_len - 8))
         ids = (rng.randrange(engine.vocab_size) for _ in range(length))
         return [(t + 1) % engine.vocab_size if t == poison else t for t in ids]
 
@@ -101,4 +103,4 @@ def _long_prompt_tokens(engine: LLMEngine) -> int:
     capacity = engine.block_manager.num_blocks * engine.config.block_size
     # Two such prompts run at once, with room for the prefix request's 3 more tokens and 2 new ones each.
     room = min(engine.max_model_len, capacity // 3) - 8
-    return max(1, min(wanted, room))
+    return max(1, min(wanted, room - 3))

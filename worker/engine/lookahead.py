@@ -204,11 +204,11 @@ def following_ids(step: LaunchedStep, plan: StepPlan, sources: list[int | None])
     host's prompt ids elsewhere. Copies are queued, never waited for: `step` is still computing."""
     device_ids = step.tokens.device
     rows = [row for row in sources if row is not None]
-    if plan.is_decode and rows == list(range(len(step.sampled))):
-        return device_ids
     device = device_ids.device
-    if plan.is_decode:
-        return device_ids[to_device(rows, device)]
+    # Every input in flight. (A step of one-token rows is not enough: a prompt's last token, after a chunk
+    # that left just it, has the shape of a decode but its id on the host.)
+    if len(rows) == len(sources):
+        return device_ids if rows == list(range(len(step.sampled))) else device_ids[to_device(rows, device)]
     ids = to_device(plan.input_ids, device)
     if rows:
         at = [plan.query_starts[i] for i, row in enumerate(sources) if row is not None]

@@ -409,6 +409,83 @@ def test_lookahead_while_requests_wait_for_room_starts_each_of_them_at_the_same_
     assert none_early == 0 and steps_early > 5, steps_early
 
 
+def test_a_prompts_last_token_beside_decodes_in_a_step_launched_ahead(demo_model_dir: Path) -> None:
+    """A prompt whose chunk leaves exactly one token, beside streams that decode: the step after it is all
+    one-token rows (the shape of a decode step), but that prompt's token comes from the host, the others' from
+    the device (lookahead.following_ids). Same tokens as steps read one by one."""
+    tok = load_tokenizer(demo_model_dir)
+    prompt = tok.encode(PROMPTS[3]).ids[:13]  # a chunk of 12 (the cap while decoding), then 1 token
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(
+            demo_model_dir, num_blocks=128, max_num_seqs=32, max_num_batched_tokens=64,
+            max_prefill_tokens_while_decoding=12, decode_lookahead=lookahead,
+        )  # fmt: skip
+        for i in range(3):
+            engine.add_request(f"d{i}", tok.encode(PROMPTS[i]).ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        engine.step()  # their prompts; they decode from now on
+        engine.add_request("chunked", prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        seen: dict[str, tuple[list[int], str, object]] = {}
+        while engine.has_unfinished():
+            record(seen, engine.step())
+        runs.append((seen, engine.step_timing.steps_ahead))
+    (plain, _), (ahead, steps_ahead) = runs
+    assert ahead == plain and len(plain["chunked"][0]) == 6
+    assert steps_ahead > 5
+
+
+def test_a_stop_string_completed_after_the_next_step_went_out_early_changes_nothing(demo_model_dir: Path) -> None:
+    """While requests wait for room, the next step goes out as soon as a step's tokens are read, before they
+    become text (step(), "launched before returning"). A stop string that the text then completes ends a
+    sequence that already has a token in the step on the GPU: that token is skipped when read, and nothing
+    else changes: same tokens, texts and endings as steps read one by one."""
+    ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
+    rng = random.Random(9)
+    prompts = [
+        ids[start : start + rng.randint(10, 50)] for start in (rng.randrange(0, len(ids) - 50) for _ in range(10))
+    ]
+    # Stop strings greedy decoding reaches: three characters from the middle of each prompt's greedy text.
+    probe = make_engine(demo_model_dir, num_blocks=256, decode_lookahead=False)
+    for i, prompt in enumerate(prompts):
+        probe.add_request(f"r{i}", prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    texts: dict[str, str] = {}
+    while probe.has_unfinished():
+        for out in probe.step():
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+    stops = {request_id: text[len(text) // 2 :][:3] for request_id, text in texts.items()}
+    requests = [
+        # Lengths that end some generations with a step that must be read first (what makes the next one go
+        # out early), stop strings that end the others.
+        (f"r{i}", prompt, SamplingParams(max_new_tokens=rng.randint(10, 30), ignore_eos=True, stop=(stop,)))
+        for i, prompt in enumerate(prompts)
+        if (stop := stops[f"r{i}"]).strip()
+    ]
+    runs = []
+    for lookahead in (False, True):
+        engine = make_engine(
+            demo_model_dir, num_blocks=24, block_size=8, max_num_seqs=6, max_num_batched_tokens=24,
+            max_prefill_tokens_while_decoding=12, decode_lookahead=lookahead,
+        )  # fmt: skip
+        for request in requests:
+            engine.add_request(*request)
+        seen: dict[str, tuple[list[int], str, object]] = {}
+        stopped_in_flight = 0  # stop strings completed while the next step, launched early, held a token of theirs
+        while engine.has_unfinished():
+            outputs = engine.step()
+            record(seen, outputs)
+            early = engine._ahead if engine._ahead is not None and engine._ahead.early else None
+            in_early = {seq.request_id for seq in early.batch.seqs} if early else set()
+            stopped_in_flight += sum(
+                out.finish_reason is FinishReason.STOP_SEQUENCE and out.request_id in in_early for out in outputs
+            )
+        assert engine.stats().num_free_blocks == 24
+        runs.append((seen, stopped_in_flight))
+    (plain, none_in_flight), (ahead, in_flight) = runs
+    assert ahead == plain
+    assert sum(reason is FinishReason.STOP_SEQUENCE for _, _, reason in plain.values()) >= 5
+    assert none_in_flight == 0 and in_flight > 0, in_flight
+
+
 def test_the_step_after_a_mixed_step_is_launched_ahead_and_a_lone_prompt_is_read_first(demo_model_dir: Path) -> None:
     """lookahead.py: a step that carries a whole short prompt next to decodes has a token on the device for every
     sequence, so the next decode step goes out before it is read; the step of a prompt alone (an idle engine)

@@ -41,6 +41,10 @@ from worker.engine.step_inputs import plan_step, prompt_logprob_spans
 from worker.engine.tokenizer import load_tokenizer
 from worker.engine.warm_up import WarmUpReport, warm_up
 
+# A token read but not yet made text (LLMEngine._advance, then _emit): the sequence, the token id, its logprobs,
+# and whether it goes into the text (EOS and stop token ids do not).
+NewToken = tuple[Sequence, int, TokenLogprobs | None, bool]
+
 
 class LLMEngine:
     def __init__(
@@ -192,7 +196,7 @@ class LLMEngine:
                 return []
         if self._lookahead and not self.forks:
             self._ahead = self._launch_following(step)
-        outputs = self._read(step)
+        read = self._read(step)
         if (
             self._ahead is None
             and self._lookahead
@@ -200,11 +204,12 @@ class LLMEngine:
             and (self.scheduler.waiting or self._prefilling())
         ):
             # Saturated, or a prompt goes on in chunks (lookahead.py, "launched before returning"): the next step
-            # is scheduled now, as the next call would, and computes while the caller handles these outputs.
+            # is scheduled now, as the next call would, and computes while this step's tokens become text and
+            # outputs and while the caller handles them.
             self._ahead = self._launch()
             if self._ahead is not None:
                 self._ahead.early = True
-        return outputs
+        return [item if isinstance(item, RequestOutput) else self._emit(*item) for item in read]
 
     def _prefilling(self) -> bool:
         """A running sequence still has prompt tokens to compute: the next step carries its chunk."""
@@ -276,9 +281,11 @@ class LLMEngine:
             started=started, planned=planned, launched=time.perf_counter(),
         )  # fmt: skip
 
-    def _read(self, step: LaunchedStep) -> list[RequestOutput]:
-        """Wait for a step's tokens, then advance its sequences: counts, cached blocks, stop checks, outputs.
-        A sequence that ended while a step launched ahead was running has computed a token too many: skipped."""
+    def _read(self, step: LaunchedStep) -> list[RequestOutput | NewToken]:
+        """Wait for a step's tokens, then advance its sequences: counts, cached blocks, the new tokens and the
+        ends they make by themselves (_advance). Their text, stop strings and outputs come after (_emit), so that
+        a step launched early does not wait for them. A sequence that ended while a step launched ahead was
+        running has computed a token too many: skipped."""
         reading = time.perf_counter()
         token_ids = step.tokens.read()
         waited = time.perf_counter()
@@ -293,7 +300,7 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
         now = time.time()
-        outputs = []
+        read: list[RequestOutput | NewToken] = []
         for row, (seq, token_id, lp) in enumerate(zip(step.sampled, token_ids, logprobs, strict=True)):
             if seq.is_finished:
                 continue
@@ -301,8 +308,8 @@ class LLMEngine:
                 seq.first_token_time = now
             n = self.forks.pop(seq.key, 1) if seq.num_generated_tokens == 0 else 1
             if n > 1:
-                outputs.extend(self._fork(seq, n, step.logits[row]))
-            outputs.append(self._append_token(seq, token_id, lp))
+                read.extend(self._fork(seq, n, step.logits[row]))
+            read.append(self._advance(seq, token_id, lp))
         timing = self.step_timing
         timing.steps += 1
         timing.schedule_s += step.planned - step.started
@@ -312,7 +319,7 @@ class LLMEngine:
         timing.batch_tokens += len(step.plan.input_ids)
         timing.steps_ahead += step.ahead
         timing.steps_early += step.early
-        return outputs
+        return read
 
     def _record_prompt_logprobs(self, spans: list[tuple[Sequence, range, list[int]]], logits: torch.Tensor) -> None:
         """Turn the extra rows' logits (in span order) into TokenLogprobs appended to each sequence's list."""
@@ -324,31 +331,37 @@ class LLMEngine:
             seq.prompt_logprobs.extend(entries[at : at + len(ids)])
             at += len(ids)
 
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _advance(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None) -> NewToken:
+        """Append a sampled token and end the generation where the token alone says so: EOS or a stop token id
+        (neither is part of the text), or the length limits. Stop strings need the text: _emit."""
         seq.token_ids.append(token_id)
         params = seq.params
-        stop_sequence = ""
         # EOS and stop token ids end the generation only after min_new_tokens (before, the sampler masks
         # them; one that comes anyway, e.g. in a continuation's tokens, is an ordinary token).
         may_end = seq.num_generated_tokens > params.min_new_tokens
-        if may_end and token_id in params.stop_token_ids:
-            seq.finish_reason = FinishReason.EOS  # not in the text, like EOS; stop_sequence stays ""
-        elif may_end and token_id == self.eos_token_id and not params.ignore_eos:
-            seq.finish_reason = FinishReason.EOS
-        else:
-            matched = seq.detokenizer.push(token_id)
-            if matched is not None:
-                seq.finish_reason, stop_sequence = FinishReason.STOP_SEQUENCE, matched
-            elif seq.num_generated_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = FinishReason.LENGTH
-        if seq.finish_reason is not None:
-            seq.stop_sequence = stop_sequence
-            self.scheduler.finish(seq)
-            del self.sequences[seq.key]
+        eos = token_id == self.eos_token_id and not params.ignore_eos
+        if may_end and (token_id in params.stop_token_ids or eos):
+            self._finish(seq, FinishReason.EOS)  # stop_sequence stays ""
+            return seq, token_id, logprobs, False
+        if seq.num_generated_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)  # (a stop string the token completes takes precedence)
+        return seq, token_id, logprobs, True
+
+    def _emit(self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None, in_text: bool) -> RequestOutput:
+        """The token's text, where a completed stop string ends the generation, and the request's output."""
+        if in_text and (matched := seq.detokenizer.push(token_id)) is not None:
+            if not seq.is_finished:  # (it may have a token in a step launched since: skipped when read)
+                self._finish(seq, FinishReason.STOP_SEQUENCE)
+            seq.finish_reason, seq.stop_sequence = FinishReason.STOP_SEQUENCE, matched
         out = self._output(seq, [token_id], [logprobs] if logprobs else [], seq.detokenizer.take(seq.is_finished))
         if seq.prompt_logprobs is not None:  # the request's first output
             out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return out
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        del self.sequences[seq.key]
 
     def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[RequestOutput]:
         """The first sample has just prefilled the prompt: make samples 1..n-1, sharing its KV blocks (the
@@ -375,7 +388,7 @@ class LLMEngine:
             [c.token_ids for c in children],
         )  # fmt: skip
         return [
-            self._append_token(child, token_id, logprobs)
+            self._emit(*self._advance(child, token_id, logprobs))
             for child, token_id, logprobs in zip(children, result.token_ids, result.logprobs, strict=True)
         ]
 

@@ -209,7 +209,10 @@ class LLMEngine:
             self._ahead = self._launch()
             if self._ahead is not None:
                 self._ahead.early = True
-        return [item if isinstance(item, RequestOutput) else self._emit(*item) for item in read]
+        emitting = time.perf_counter()
+        outputs = [item if isinstance(item, RequestOutput) else self._emit(*item) for item in read]
+        self.step_timing.outputs_s += time.perf_counter() - emitting
+        return outputs
 
     def _prefilling(self) -> bool:
         """A running sequence still has prompt tokens to compute: the next step carries its chunk."""

@@ -4,6 +4,7 @@ preemption, aborts, seeded sampling."""
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,39 @@ def test_n_samples_share_the_prompts_kv_blocks(demo_model_dir: Path, hf_model) -
     assert sorted(by_index) == [0, 1, 2, 3] and all(len(v) == 5 for v in by_index.values())  # + 1 in the fork step
     assert len({tuple(v) for v in by_index.values()}) > 1, "different seeds, different samples"
     assert engine.stats().num_free_blocks == 256
+
+
+def test_samples_forked_into_a_full_pool_wait_for_room_instead_of_failing_the_step(demo_model_dir: Path) -> None:
+    """A request for n samples whose prompt ends mid-block forks after its prefill: each sample needs a free
+    block for its copy of that last block. With none free, the sample waits, as a preempted sequence does, and
+    is recomputed when room frees (before, the step raised "out of KV blocks"). Every sample's tokens are the
+    ones a roomy pool gives (seeded sampling does not depend on the batch)."""
+    tok = load_tokenizer(demo_model_dir)
+    hog = tok.encode(PROMPTS[3]).ids[:26]
+    prompt = tok.encode(PROMPTS[0]).ids[:6]  # two blocks of 4, the second partly filled
+    params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=8, ignore_eos=True)
+    runs = []
+    for num_blocks in (256, 10):
+        engine = make_engine(demo_model_dir, num_blocks=num_blocks, block_size=4, decode_lookahead=False)
+        waited: list[int] = []  # the samples that waited for room
+        engine.scheduler.wait_for_room = partial(record_wait, engine.scheduler.wait_for_room, waited)
+        engine.add_request("hog", hog, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        engine.step()
+        engine.add_request("n4", prompt, params, n=4)
+        tokens: dict[tuple[str, int], list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+        assert engine.stats().num_free_blocks == num_blocks
+        runs.append((tokens, waited))
+    (roomy, none_waited), (tight, waited) = runs
+    assert tight == roomy and len(roomy) == 5 and all(len(t) == 8 for key, t in roomy.items() if key[0] == "n4")
+    assert none_waited == [] and waited == [2, 3], waited
+
+
+def record_wait(wait_for_room, waited: list[int], seq) -> None:
+    waited.append(seq.index)
+    wait_for_room(seq)
 
 
 def test_a_forked_sample_continues_exactly_like_a_lone_request_with_its_seed(demo_model_dir: Path) -> None:

@@ -80,10 +80,17 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
 
+    def can_fork(self, parent: Sequence) -> bool:
+        """Whether a free block is there for a fork's copy of the parent's partly filled last block (if any)."""
+        copied = len(parent.block_table) - parent.num_computed_tokens // self.block_size
+        return copied <= len(self.free_blocks)
+
     def fork(self, parent: Sequence, child: Sequence, copy_block) -> None:
         """Give `child` the parent's KV (another sample of the same prompt): its full blocks are shared, the
         last one, if partly filled, is copied (both sequences will write into it)."""
         assert not child.block_table
+        if not self.can_fork(parent):
+            raise RuntimeError("out of KV blocks")  # (checked before anything is shared: nothing to undo)
         full = parent.num_computed_tokens // self.block_size
         for block in parent.block_table[:full]:
             if self.ref_counts[block] == 0:
@@ -92,9 +99,6 @@ class BlockManager:
             child.block_table.append(block)
         child.block_hashes = list(parent.block_hashes[:full])
         if full < len(parent.block_table):
-            needed = len(parent.block_table) - full
-            if needed > len(self.free_blocks):
-                raise RuntimeError("out of KV blocks")
             for src in parent.block_table[full:]:
                 dst, _ = self.free_blocks.popitem(last=False)
                 self._evict(dst)

@@ -382,8 +382,11 @@ class LLMEngine:
                 first.request_id, list(first.token_ids), first.num_prompt_tokens, params, detok, index=index
             )
             child.first_scheduled_time, child.first_token_time = first.first_scheduled_time, first.first_token_time
-            self.block_manager.fork(first, child, self.runner.copy_block)
-            self.scheduler.adopt(child)
+            if self.block_manager.can_fork(first):
+                self.block_manager.fork(first, child, self.runner.copy_block)
+                self.scheduler.adopt(child)
+            else:  # no block free for its copy of the last one: it is recomputed when room frees
+                self.scheduler.wait_for_room(child)
             self.sequences[child.key] = child
             children.append(child)
         result = self.sampler(

@@ -69,6 +69,13 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def wait_for_room(self, seq: Sequence) -> None:
+        """A sequence that holds no KV blocks but has tokens (a forked sample for whose copy no block was free)
+        waits at the front, as a preempted one does: recomputed when room frees."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

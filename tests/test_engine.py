@@ -198,6 +198,36 @@ def test_logprobs_match_log_softmax_of_the_models_logits(demo_model_dir: Path, h
         assert [t for t, _ in lp.top] == top.indices.tolist()
 
 
+def test_logprobs_and_prompt_logprobs_of_two_requests_in_one_step(demo_model_dir: Path) -> None:
+    """Two requests that want logprobs and prompt logprobs, prefilled in one step: the step's logits hold the
+    sampled rows, then the prompt rows. The logprobs come from the sampled rows alone (before, with every
+    sampled row wanting them, all the rows went in, and the step raised). Each gets what it gets alone."""
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=True)
+    prompts = {"a": PROMPTS[0], "b": PROMPTS[4]}
+
+    def outputs(engine: LLMEngine) -> dict[str, list]:
+        seen: dict[str, list] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                seen.setdefault(out.request_id, []).append((out.new_token_ids, out.logprobs, out.prompt_logprobs))
+        return seen
+
+    together = make_engine(demo_model_dir, num_blocks=64)
+    for request_id, text in prompts.items():
+        together.add_request(request_id, together.tokenizer.encode(text).ids, params)
+    both = outputs(together)
+    for request_id, text in prompts.items():
+        alone = make_engine(demo_model_dir, num_blocks=64)
+        alone.add_request(request_id, alone.tokenizer.encode(text).ids, params)
+        expected = outputs(alone)[request_id]
+        assert [ids for ids, _, _ in both[request_id]] == [ids for ids, _, _ in expected]
+        for (_, lps, prompt_lps), (_, want, want_prompt) in zip(both[request_id], expected, strict=True):
+            assert [(lp.token_id, lp.rank) for lp in lps] == [(lp.token_id, lp.rank) for lp in want]
+            assert [lp.logprob for lp in lps] == pytest.approx([lp.logprob for lp in want], abs=1e-4)
+            assert len(prompt_lps) == len(want_prompt)
+        assert len(both[request_id][0][2]) == len(together.tokenizer.encode(text).ids) - 1
+
+
 def test_add_request_rejects_what_can_never_run(demo_model_dir: Path) -> None:
     engine = make_engine(demo_model_dir, num_blocks=4, block_size=16, max_model_len=128)
     with pytest.raises(ValueError, match="context"):

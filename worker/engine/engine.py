@@ -295,7 +295,9 @@ class LLMEngine:
         if step.ahead:  # (launched ahead only when no sequence wants logprobs)
             logprobs = [None] * len(token_ids)
         else:
-            logprobs = self.sampler.logprobs(step.logits, token_ids, [s.params for s in step.sampled])
+            # (The sampled rows only: prompt logprobs' rows follow them.)
+            sampled_logits = step.logits[: len(step.sampled)]
+            logprobs = self.sampler.logprobs(sampled_logits, token_ids, [s.params for s in step.sampled])
         if step.prompt_spans:
             self._record_prompt_logprobs(step.prompt_spans, step.logits[len(step.sampled) :])
         for seq, n in zip(step.batch.seqs, step.batch.num_scheduled_tokens, strict=True):

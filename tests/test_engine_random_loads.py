@@ -1,7 +1,8 @@
 """Random loads, each run twice: with steps launched ahead and early (lookahead.py) and with steps read one by
-one. Both must give the same tokens, texts and endings, free every block, and never raise. Seeded: a failure
-names its seed. Two bugs were found this way: a prompt's last token beside decodes in a step launched ahead
-(a crash), and samples forked into a full KV pool (a crash)."""
+one, and once more in a pool too large for any preemption. All must give the same tokens, texts and endings,
+free every block, and never raise. Seeded: a failure names its seed. Three bugs were found this way, each a
+step that raised: a prompt's last token beside decodes in a step launched ahead, samples forked into a full
+KV pool, and logprobs in a step that also had prompt logprobs."""
 
 from __future__ import annotations
 
@@ -70,11 +71,17 @@ def run(engine: LLMEngine, requests: list) -> dict[tuple[str, int], tuple[list[i
     return seen
 
 
-# 5300 and 9003 made the engine raise before the two fixes (aeb9495, beb47cb).
-@pytest.mark.parametrize("seed", [5300, *range(9000, 9015)])
-def test_steps_launched_ahead_change_nothing_under_random_loads(demo_model_dir: Path, seed: int) -> None:
+# 5300, 9003 and 20132 made the engine raise before the fixes (aeb9495, beb47cb, 836cf14).
+@pytest.mark.parametrize("seed", [5300, 20132, *range(9000, 9014)])
+def test_steps_launched_ahead_and_preemptions_change_nothing_under_random_loads(
+    demo_model_dir: Path, seed: int
+) -> None:
+    """The load with steps read one by one, with steps launched ahead, and with a pool so large that nothing is
+    ever preempted: seeded sampling does not depend on the batch, so all three agree."""
     ids = [i for text in PROMPTS for i in load_tokenizer(demo_model_dir).encode(text).ids]
     config, requests = random_load(ids, seed)
     plain = run(make_engine(demo_model_dir, decode_lookahead=False, **config), requests)
     ahead = run(make_engine(demo_model_dir, decode_lookahead=True, **config), requests)
+    roomy = run(make_engine(demo_model_dir, decode_lookahead=True, **(config | {"num_blocks": 1024})), requests)
     assert ahead == plain
+    assert roomy == plain

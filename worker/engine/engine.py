@@ -370,7 +370,8 @@ class LLMEngine:
 
     def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[RequestOutput]:
         """The first sample has just prefilled the prompt: make samples 1..n-1, sharing its KV blocks (the
-        partly filled last one copied), each drawing its first token from the same logits with its own seed."""
+        partly filled last one copied), each drawing its first token from the same logits with its own seed. A
+        sample with no seat in the batch or no block for its copy waits, and is recomputed when room frees."""
         children = []
         for index in range(1, n):
             params = dataclasses.replace(
@@ -384,10 +385,11 @@ class LLMEngine:
                 first.request_id, list(first.token_ids), first.num_prompt_tokens, params, detok, index=index
             )
             child.first_scheduled_time, child.first_token_time = first.first_scheduled_time, first.first_token_time
-            if self.block_manager.can_fork(first):
+            seat = len(self.scheduler.running) < self.config.max_num_seqs
+            if seat and self.block_manager.can_fork(first):
                 self.block_manager.fork(first, child, self.runner.copy_block)
                 self.scheduler.adopt(child)
-            else:  # no block free for its copy of the last one: it is recomputed when room frees
+            else:  # no seat in the batch, or no block for its copy of the last one: recomputed when room frees
                 self.scheduler.wait_for_room(child)
             self.sequences[child.key] = child
             children.append(child)

@@ -70,8 +70,8 @@ class Scheduler:
         self.running.append(seq)
 
     def wait_for_room(self, seq: Sequence) -> None:
-        """A sequence that holds no KV blocks but has tokens (a forked sample for whose copy no block was free)
-        waits at the front, as a preempted one does: recomputed when room frees."""
+        """A sequence that holds no KV blocks but has tokens (a forked sample that found no seat in the batch or
+        no block for its copy) waits at the front, as a preempted one does: recomputed when room frees."""
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -33,6 +33,7 @@ from worker.engine.lookahead import (
 )
 from worker.engine.model_runner import ModelRunner
 from worker.engine.outputs import EngineStats, RequestOutput, StepTiming
+from worker.engine.request_checks import check_request
 from worker.engine.sampler import Sampler, TokenLogprobs, sample_seed
 from worker.engine.sampling_params import SamplingParams
 from worker.engine.scheduler import ScheduledBatch, Scheduler
@@ -106,23 +107,9 @@ class LLMEngine:
             raise ValueError("n must be >= 1; samples of a continuation are added one index at a time")
         if index:  # sample `index` of a request draws with its own seed, as when it was forked (see _fork)
             params = dataclasses.replace(params, seed=sample_seed(params.seed, index), prompt_logprobs=False)
-        if not prompt_token_ids:
-            raise ValueError("empty prompt")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        total = len(prompt_token_ids) + params.max_new_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens"
-            )
         capacity = self.block_manager.num_blocks * self.config.block_size
-        if total > capacity:
-            raise ValueError(f"request needs {total} KV slots; the whole pool has {capacity}")
-        if any(t >= self.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
-        if any(t >= self.vocab_size for t, _ in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        generated = generated_token_ids or []
+        check_request(prompt_token_ids, generated, params, self.vocab_size, self.max_model_len, capacity)
         detok = IncrementalDetokenizer(
             self.tokenizer,
             prompt_token_ids,
@@ -134,8 +121,6 @@ class LLMEngine:
         if params.prompt_logprobs and not generated_token_ids:  # a continuation's client already has them
             seq.prompt_logprobs = []
         if generated_token_ids:
-            if max(generated_token_ids) >= self.vocab_size or min(generated_token_ids) < 0:
-                raise ValueError(f"generated token ids must be in [0, {self.vocab_size})")
             seq.token_ids.extend(generated_token_ids)
             detok.replay(generated_token_ids, sent_text)
         self.sequences[key] = seq

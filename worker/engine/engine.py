@@ -195,7 +195,7 @@ class LLMEngine:
             if self._ahead is not None:
                 self._ahead.early = True
         emitting = time.perf_counter()
-        outputs = [item if isinstance(item, RequestOutput) else self._emit(*item) for item in read]
+        outputs = [self._emit(*new_token) for new_token in read]
         self.step_timing.outputs_s += time.perf_counter() - emitting
         return outputs
 
@@ -269,7 +269,7 @@ class LLMEngine:
             started=started, planned=planned, launched=time.perf_counter(),
         )  # fmt: skip
 
-    def _read(self, step: LaunchedStep) -> list[RequestOutput | NewToken]:
+    def _read(self, step: LaunchedStep) -> list[NewToken]:
         """Wait for a step's tokens, then advance its sequences: counts, cached blocks, the new tokens and the
         ends they make by themselves (_advance). Their text, stop strings and outputs come after (_emit), so that
         a step launched early does not wait for them. A sequence that ended while a step launched ahead was
@@ -290,7 +290,7 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.block_manager.register_full_blocks(seq)
         now = time.time()
-        read: list[RequestOutput | NewToken] = []
+        read: list[NewToken] = []
         for row, (seq, token_id, lp) in enumerate(zip(step.sampled, token_ids, logprobs, strict=True)):
             if seq.is_finished:
                 continue
@@ -353,7 +353,7 @@ class LLMEngine:
         self.scheduler.finish(seq)
         del self.sequences[seq.key]
 
-    def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[RequestOutput]:
+    def _fork(self, first: Sequence, n: int, logits: torch.Tensor) -> list[NewToken]:
         """The first sample has just prefilled the prompt: make samples 1..n-1, sharing its KV blocks (the
         partly filled last one copied), each drawing its first token from the same logits with its own seed. A
         sample with no seat in the batch or no block for its copy waits, and is recomputed when room frees."""
@@ -370,12 +370,7 @@ class LLMEngine:
                 first.request_id, list(first.token_ids), first.num_prompt_tokens, params, detok, index=index
             )
             child.first_scheduled_time, child.first_token_time = first.first_scheduled_time, first.first_token_time
-            seat = len(self.scheduler.running) < self.config.max_num_seqs
-            if seat and self.block_manager.can_fork(first):
-                self.block_manager.fork(first, child, self.runner.copy_block)
-                self.scheduler.adopt(child)
-            else:  # no seat in the batch, or no block for its copy of the last one: recomputed when room frees
-                self.scheduler.wait_for_room(child)
+            self.scheduler.adopt(first, child, self.runner.copy_block)
             self.sequences[child.key] = child
             children.append(child)
         result = self.sampler(
@@ -383,7 +378,7 @@ class LLMEngine:
             [c.token_ids for c in children],
         )  # fmt: skip
         return [
-            self._emit(*self._advance(child, token_id, logprobs))
+            self._advance(child, token_id, logprobs)
             for child, token_id, logprobs in zip(children, result.token_ids, result.logprobs, strict=True)
         ]
 

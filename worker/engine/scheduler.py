@@ -64,10 +64,15 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def adopt(self, seq: Sequence) -> None:
-        """A sequence that already holds its KV blocks (a forked sample) joins the running batch."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def adopt(self, parent: Sequence, child: Sequence, copy_block) -> None:
+        """A sample forked from `parent` joins the running batch, sharing the parent's KV blocks (its partly
+        filled last one copied), if the batch has a seat and a block is free for that copy; else it waits."""
+        if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
+            self.block_manager.fork(parent, child, copy_block)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.wait_for_room(child)
 
     def wait_for_room(self, seq: Sequence) -> None:
         """A sequence that holds no KV blocks but has tokens (a forked sample that found no seat in the batch or

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--device", default="auto", help="worker device: cuda, cpu or auto")
     serve.add_argument(
         "--spin-idle-cpus", action="store_true",
-        help="keep the host's idle CPUs polling, not halting (a lowest-priority spinner per CPU): about 1 ms off "
+        help="keep the host's idle CPUs polling, not halting (a lowest-priority spinner per CPU): 0.5-1.3 ms off "
         "each first token on a virtual machine whose idle vCPUs halt; every idle CPU at 100 %% (see idle_spin.py)",
     )  # fmt: skip
 

@@ -4,8 +4,8 @@
 Why: a request's way to its first token wakes a sleeping thread at every hop (client -> gateway, gateway ->
 Redis -> worker, worker -> Redis -> gateway -> client). On a virtual machine a vCPU with nothing to run
 halts and leaves the guest, and a wake-up on it waits for the hypervisor to resume it. On the lent H100 (a
-Firecracker guest without a cpuidle driver) that cost about 1 ms of each first token: 3.0-3.6 ms added over
-the engine alone, against 1.8-2.3 ms with spinners (docs/BENCHMARKS.md, runs 78-79). The kernel's
+Firecracker guest without a cpuidle driver) that cost 0.5-1.3 ms of each first token: 2.8-3.6 ms added over
+the engine alone, against 1.8-2.7 ms with spinners (docs/BENCHMARKS.md, runs 78-84). The kernel's
 `idle=poll` does the same for the whole machine, and cpuidle's haltpoll driver for a while after each halt
 where the guest has one; this needs neither root nor a reboot, and ends with the stack.
 

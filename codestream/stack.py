@@ -36,7 +36,7 @@ def serve_stack(args: argparse.Namespace) -> int:
         if idle_spin.idle_cpus_halt_in_a_vm():
             log.info(
                 "hint", idle_cpus="halt (a virtual machine without a cpuidle driver)",
-                try_flag="--spin-idle-cpus: about 1 ms off each first token, every idle CPU at 100 %",
+                try_flag="--spin-idle-cpus: 0.5-1.3 ms off each first token, every idle CPU at 100 %",
             )  # fmt: skip
         return _serve(args)
     with idle_spin.spinning() as spinners:

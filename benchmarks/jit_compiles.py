@@ -17,6 +17,7 @@ a compile in the middle of serving costs: launch time (the host's part of a step
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -103,9 +104,7 @@ class CompileLog:
 
     def summary(self, phase: str) -> dict[str, Any]:
         events = [e for e in self.events if e["phase"] == phase]
-        kernels: dict[str, int] = {}
-        for e in events:
-            kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
+        kernels = dict(collections.Counter(e["kernel"] for e in events))
         return {"compiles": len(events), "seconds": sum(e["seconds"] for e in events), "kernels": kernels}
 
 

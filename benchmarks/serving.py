@@ -213,7 +213,8 @@ def engine_only(args: argparse.Namespace) -> int:
     start_s = time.perf_counter() - started
     vocab = engine.runner.vocab_size
     w = workloads(args)
-    for i, prompt in enumerate(load_prompts(w["ttft"], vocab, 3, seed=99)):  # warm-up: Triton's first compiles
+    # The 3 warm-up requests the stack gets too (the engine compiled its kernels as it started: warm_up.py).
+    for i, prompt in enumerate(load_prompts(w["ttft"], vocab, 3, seed=99)):
         stream(engine, list(prompt.token_ids), 4, f"warm-{i}")
     w1_prompts = [list(p.token_ids) for p in load_prompts(w["w1"], vocab, w["w1"].num_prompts, w["w1"].seed)]
     w1 = run_w1(engine, w1_prompts, w["w1"].output_len, deadline_s=240)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, check, then benchmark.
 #   run(command="bash benchmarks/device_run.sh <steps>", carry=[".whl"])
-# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger parity32-chunks prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step jit-compiles serving (SERVING_ARGS: extra flags)  (default: tests kernels engine)
+# steps: any of  setup (the wheels only) tests kernels gemv engine engine-nogemv engine-nolookahead engine-noprefillgraphs engine-peers parity32 parity32-stagger parity32-chunks prefill-profile prefill-modes idle-ab wakeups grpc-hop skinny skinny-gemm decode-ab engine-s1t1 step-trace (TRACE_ARGS) mixed-step jit-compiles serving (SERVING_ARGS: extra flags; grpc-hop: HOP_ARGS, e.g. --iomgr)  (default: tests kernels engine)
 set -uo pipefail
 # (NO_WHEELS=1: a machine that has the packages already, e.g. a dry run of these steps on a CPU box)
 [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -39,7 +39,7 @@ for step in $steps; do
         [ $hold = on ] && { python3 -m benchmarks.cpu_idle | tail -2; kill $hold_pid; wait $hold_pid; }
       done 2>&1 | tee "$OUT/idle-ab.log" ;;
     wakeups) timeout 120 python3 -m benchmarks.wakeups 2>&1 | tee "$OUT/wakeups.log" | tail -18 ;;
-    grpc-hop) timeout 120 python3 -m benchmarks.grpc_hop 2>&1 | tee "$OUT/grpc-hop.log" | tail -8 ;;
+    grpc-hop) timeout 240 python3 -m benchmarks.grpc_hop ${HOP_ARGS:-} 2>&1 | tee "$OUT/grpc-hop.log" | tail -24 ;;
     skinny) timeout 200 python3 -m benchmarks.skinny 2>&1 | tee "$OUT/skinny.log" | tail -14 ;;
     decode-ab) for v in true false true false; do timeout 200 python3 -m benchmarks.decode_batches --engine triton_skinny=$v 2>&1 | tail -2; done | tee "$OUT/decode-ab.log" ;;
     engine-s1t1) timeout 300 python3 -m benchmarks.engine --shape codellama-7b --peers none --workloads s1,t1 --out "$OUT" 2>&1 | tee "$OUT/engine-s1t1.log" | tail -20 ;;

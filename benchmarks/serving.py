@@ -54,7 +54,8 @@ PIN = os.environ.get("CODESTREAM_BENCH_PIN") == "1"
 # CODESTREAM_BENCH_REDIS_SOCKET=0: through TCP loopback, as across hosts (runs before 2026-11-26 10:00 UTC).
 # CODESTREAM_BUSY_POLL_US, when set, reaches both processes (their --busy-poll-us).
 # CODESTREAM_BENCH_GATEWAY_<NAME>=v / CODESTREAM_BENCH_WORKER_<NAME>=v: CODESTREAM_<NAME>=v for that process
-# only (e.g. CODESTREAM_BENCH_GATEWAY_BUSY_POLL_US=100000: the gateway busy-polls, the worker does not).
+# only (e.g. CODESTREAM_BENCH_GATEWAY_BUSY_POLL_US=100000: the gateway busy-polls, the worker does not;
+# CODESTREAM_BENCH_GATEWAY_GRPC_EXPERIMENTS=...: gRPC's GRPC_EXPERIMENTS for the gateway alone).
 REDIS_SOCKET = os.environ.get("CODESTREAM_BENCH_REDIS_SOCKET", "1") == "1"
 # CODESTREAM_BENCH_CPU_LATENCY_US=N: hold a PM QoS request of N us for the whole run (benchmarks/cpu_idle.py),
 # engine alone included, so that idle CPUs of a virtual machine poll instead of leaving the guest.
@@ -65,9 +66,11 @@ SPIN_IDLE = os.environ.get("CODESTREAM_BENCH_SPIN_IDLE", "")
 
 
 def own_settings(process_name: str) -> dict[str, str]:
-    """The CODESTREAM_BENCH_<PROCESS>_<NAME> variables, as the CODESTREAM_<NAME> settings of that process."""
+    """The CODESTREAM_BENCH_<PROCESS>_<NAME> variables, as the CODESTREAM_<NAME> settings of that process
+    (CODESTREAM_BENCH_<PROCESS>_GRPC_<NAME>: gRPC's own GRPC_<NAME>, e.g. GRPC_EXPERIMENTS)."""
     prefix = f"CODESTREAM_BENCH_{process_name.upper()}_"
-    return {"CODESTREAM_" + k.removeprefix(prefix): v for k, v in os.environ.items() if k.startswith(prefix)}
+    own = {k.removeprefix(prefix): v for k, v in os.environ.items() if k.startswith(prefix)}
+    return {(k if k.startswith("GRPC_") else "CODESTREAM_" + k): v for k, v in own.items()}
 
 
 def log(message: str) -> None:
@@ -316,6 +319,7 @@ async def run_service(args: argparse.Namespace, model_dir: Path, out: Path) -> d
     results["redis_url"] = url
     results["busy_poll_us"] = int(os.environ.get("CODESTREAM_BUSY_POLL_US", "0"))
     results["own_settings"] = {name: own_settings(name) for name in ("gateway", "worker")}
+    results["grpc_experiments"] = os.environ.get("GRPC_EXPERIMENTS", "")  # (every process's, client's included)
     return results
 
 

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import sys
 
-from codestream import busy_poll, settings
+from codestream import busy_poll, grpc_io, settings
 from gateway.config import GatewayConfig
 from worker.config import WorkerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["gateway"]:
+        grpc_io.use_iomgr()  # (before the client commands' modules below import grpc)
     parser = argparse.ArgumentParser(
         prog="codestream", description="Serve Code Llama over gRPC with Redis-queued GPU workers."
     )

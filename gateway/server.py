@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import uuid
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ async def start_gateway(config: GatewayConfig, model_dir: str, model_id: str | N
         redis=_safe_url(config),
         tls="mtls" if config.tls_client_ca_file else "tls" if credentials else "off",
         auth="api-keys" if api_keys is not None else "off",
+        grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),  # (codestream/grpc_io.py)
     )
     return Gateway(
         config, server, health_servicer, redis, router, generations, port, gateway_id, api_keys, http, http_port

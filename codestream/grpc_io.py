@@ -4,8 +4,8 @@ With EventEngine's endpoints (gRPC's default since 1.6x), a socket's bytes are r
 thread, which then wakes the thread that polls the completion queue, which wakes the asyncio loop. With
 iomgr's (epoll1), the completion-queue thread reads the socket itself: one thread wake-up fewer on every
 message in. On the lent H100 machines, whose idle vCPUs halt and wake through the hypervisor, that took
-0.1-0.2 ms off each gRPC hop (`python -m benchmarks.grpc_hop --iomgr`, run 87) and about 0.25 ms off the
-stack's time to first token, with W1 and the c=32 tail unchanged (runs 88-89, docs/BENCHMARKS.md).
+0.1-0.2 ms off each gRPC hop (`python -m benchmarks.grpc_hop --iomgr`, run 87) and 0.25-0.5 ms off the
+stack's time to first token, with W1 and the c=32 tail unchanged (runs 88-91, docs/BENCHMARKS.md).
 
 gRPC reads GRPC_EXPERIMENTS once, as it is imported, so the choice is made before anything imports grpc
 (codestream/cli.py, for the gateway). An operator's own GRPC_EXPERIMENTS wins; set it empty for gRPC's

@@ -16,8 +16,8 @@ the difference between theirs.
 
 gRPC reads its GRPC_EXPERIMENTS when it is imported, so the server runs in a process of its own:
 `--server-experiments` gives it its own (the clients take this process's environment). `--iomgr` runs the
-rows again with the server on iomgr's endpoints instead of EventEngine's (IOMGR below), then with the
-clients on them too.
+rows again with the server on iomgr's endpoints instead of EventEngine's (IOMGR below: what `codestream
+gateway` runs on), then with the clients on them too.
 
     python -m benchmarks.grpc_hop [--requests 300] [--think-ms 5] [--gap-ms 2] [--iomgr]
 """
@@ -35,13 +35,13 @@ import time
 import grpc
 import grpc.experimental  # (not imported by `import grpc` alone: ChannelOptions)
 
-from codestream import busy_poll
+from codestream import busy_poll, grpc_io
 from codestream.redis_server import free_port
 from protos import api, api_grpc
 
 # gRPC's EventEngine endpoints off: a socket's reads are done by the thread that polls the completion queue
-# (iomgr, epoll1), not by an EventEngine thread that then wakes it.
-IOMGR = "-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints"
+# (iomgr, epoll1), not by an EventEngine thread that then wakes it. The gateway's default (codestream/grpc_io.py).
+IOMGR = grpc_io.IOMGR_EXPERIMENTS
 
 QUEUED = api.GenerateEvent(seq=0)
 TOKEN = api.GenerateEvent(seq=1)

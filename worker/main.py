@@ -69,7 +69,7 @@ async def run_worker(config: WorkerConfig, model_dir: str) -> None:
         "engine_ready",
         device=str(worker.engine.runner.device),
         blocks=stats.num_blocks,
-        kv_tokens=stats.num_blocks * config.block_size,
+        kv_tokens=worker.engine.kv_capacity_tokens,
         max_model_len=worker.engine.max_model_len,
         # ms per pass over each weight shape at 1-32 rows (our Triton kernels vs cuBLAS; the faster one runs).
         products=worker.engine.runner.product_timings or None,

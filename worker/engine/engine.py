@@ -75,6 +75,11 @@ class LLMEngine:
         return self.runner.max_model_len
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the whole KV pool holds: what one request may hold at most."""
+        return self.block_manager.num_blocks * self.config.block_size
+
+    @property
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
@@ -107,9 +112,8 @@ class LLMEngine:
             raise ValueError("n must be >= 1; samples of a continuation are added one index at a time")
         if index:  # sample `index` of a request draws with its own seed, as when it was forked (see _fork)
             params = dataclasses.replace(params, seed=sample_seed(params.seed, index), prompt_logprobs=False)
-        capacity = self.block_manager.num_blocks * self.config.block_size
         generated = generated_token_ids or []
-        check_request(prompt_token_ids, generated, params, self.vocab_size, self.max_model_len, capacity)
+        check_request(prompt_token_ids, generated, params, self.vocab_size, self.max_model_len, self.kv_capacity_tokens)
         detok = IncrementalDetokenizer(
             self.tokenizer,
             prompt_token_ids,

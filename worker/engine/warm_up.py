@@ -100,7 +100,6 @@ def _long_prompt_tokens(engine: LLMEngine) -> int:
     """Over the prefill graphs' largest size (an eager step), within what one request may hold."""
     graphs = engine.runner.prefill_graphs
     wanted = (graphs.max_tokens if graphs is not None else engine.config.block_size) + 17
-    capacity = engine.block_manager.num_blocks * engine.config.block_size
     # Two such prompts run at once, with room for the prefix request's 3 more tokens and 2 new ones each.
-    room = min(engine.max_model_len, capacity // 3) - 8
+    room = min(engine.max_model_len, engine.kv_capacity_tokens // 3) - 8
     return max(1, min(wanted, room - 3))
